@@ -1,0 +1,50 @@
+# rawformer: the two set-up commands are `make demo` and `make test`; both create .venv on first use.
+SHELL  := /bin/bash
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+# On the GPU machine: its own python3 already has CuPy, Numba and torch; install rawformer over it.
+GPU_PY ?= python3
+OUT    ?= bench/out
+
+.PHONY: demo test lint format gpu-check bench wheel-check clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	@rm -f $(VENV)/.installed-*; touch $@
+
+demo: $(STAMP)
+	$(VENV)/bin/rawformer demo
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: $(STAMP)
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
+
+test: lint
+	$(PY) -m pytest -q -n 2 tests
+
+# The GPU machine: every gpu-marked test, then a quick benchmark. Logs go under $(OUT).
+gpu-check:
+	$(GPU_PY) -m pip install -q --no-deps --no-build-isolation -e .
+	mkdir -p $(OUT)
+	set -o pipefail; $(GPU_PY) -m pytest -q -m gpu tests 2>&1 | tee $(OUT)/gpu-tests.log
+	set -o pipefail; $(GPU_PY) bench/kernels.py --quick 2>&1 | tee $(OUT)/bench-quick.log
+
+bench:
+	$(GPU_PY) -m pip install -q --no-deps --no-build-isolation -e .
+	mkdir -p $(OUT)
+	set -o pipefail; $(GPU_PY) bench/kernels.py 2>&1 | tee $(OUT)/bench.log
+
+# Build a wheel and check it installs the rawformer.* namespace with the CUDA sources.
+wheel-check: $(STAMP)
+	tests/wheel_check.sh $(PY)
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache

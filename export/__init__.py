@@ -1,0 +1,1 @@
+"""rawformer.export: ONNX import and export, safetensors / HF checkpoint loading (later issues)."""

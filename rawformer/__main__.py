@@ -1,0 +1,5 @@
+import sys
+
+from rawformer.cli import main
+
+sys.exit(main())

@@ -1,0 +1,30 @@
+"""Public fused ops. Each module holds one family: its launchers and the NumPy references beside them."""
+
+from rawformer.ops.activations import gelu, gelu_backward, silu, swiglu, swiglu_backward
+from rawformer.ops.norms import (
+    add_layer_norm,
+    add_rms_norm,
+    layer_norm,
+    layer_norm_backward,
+    rms_norm,
+    rms_norm_backward,
+)
+from rawformer.ops.softmax import log_softmax, log_softmax_backward, softmax, softmax_backward
+
+__all__ = [
+    "add_layer_norm",
+    "add_rms_norm",
+    "gelu",
+    "gelu_backward",
+    "layer_norm",
+    "layer_norm_backward",
+    "log_softmax",
+    "log_softmax_backward",
+    "rms_norm",
+    "rms_norm_backward",
+    "silu",
+    "softmax",
+    "softmax_backward",
+    "swiglu",
+    "swiglu_backward",
+]

@@ -1,0 +1,230 @@
+"""Compile every Numba kernel variant to PTX for sm_90 without a GPU, and check what it compiled to.
+
+Run as a script in its own process (tests/test_numba_kernels.py does): `python tests/numba_ptx_check.py`.
+Needs NVVM (the `cuda-toolkit[nvvm]==13.0.*` wheel, or a CUDA 13.0 toolkit found through CUDA_HOME) and
+NUMBA_FORCE_CUDA_CC=9.0 in the environment (so Numba does not ask NVRTC which architectures exist). Exit
+status 0: all good; 1: a check failed; 77: NVVM is not available (the caller skips).
+
+Per kernel, in both float16 and float32:
+- it compiles (typing and lowering of every branch, the vector intrinsics included);
+- no local memory (`.local`): the register arrays were fully unrolled and promoted, nothing spilled by NVVM;
+- no float64 arithmetic (`.f64`): a stray Python float literal would silently make the maths double;
+- 16-byte global loads (`ld.global.v4`) where the variant reads 16-byte vectors;
+- ptxas (when on PATH) assembles it for sm_90 with no spill stores; its register count is printed.
+Device functions are compiled for the current device's compute capability, which needs a GPU: the check
+pretends the current device is sm_90 (this process only).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+CC = (9, 0)
+
+
+def _compile_without_gpu() -> None:
+    """Two stand-ins, for this process only: the current device is an sm_90 (device functions are compiled
+    for it), and NVRTC may be absent (Numba looks its path up beside libdevice's, but compile_ptx never calls
+    it once NUMBA_FORCE_CUDA_CC names the architecture), so NVVM alone is enough."""
+    import numba.cuda.cuda_paths as cuda_paths
+    import numba.cuda.dispatcher as dispatcher
+
+    class _Device:
+        compute_capability = CC
+
+    dispatcher.get_current_device = lambda: _Device()
+    find_nvrtc = cuda_paths._get_nvrtc_path
+
+    def nvrtc_or_none():
+        try:
+            return find_nvrtc()
+        except Exception:
+            return cuda_paths._env_path_tuple("<not installed>", None)
+
+    cuda_paths._get_nvrtc_path = nvrtc_or_none
+
+
+def _cases():
+    """(name, dispatcher, numba argument types, block, expects 16-byte loads)."""
+    from numba.cuda import types as t
+
+    from rawformer.kernels.numba import activations as act
+    from rawformer.kernels.numba import norms as nrm
+    from rawformer.kernels.numba import softmax as smx
+
+    i64, f32 = t.int64, t.float32
+    a32 = f32[::1]
+    for dt in (t.float16, t.float32):
+        a = dt[::1]
+        v16 = 16 // (dt.bitwidth // 8)  # elements of a 16-byte vector
+        fw = (a, a, a, i64, i64, f32, i64, i64)
+        bw = (a, a, a, i64, i64, f32)
+        for log in (False, True):
+            yield (
+                f"softmax_fwd warp log={log}",
+                smx._forward_regs(32, 128, v16, 32 // v16, log, True, True),
+                fw,
+                128,
+                True,
+            )
+            yield (
+                f"softmax_fwd block log={log}",
+                smx._forward_regs(1024, 1024, v16, 16 // v16, log, True, False),
+                fw,
+                1024,
+                True,
+            )
+            yield f"softmax_fwd loop log={log}", smx._forward_loop(512, v16, log, True, True), fw, 512, True
+            yield (
+                f"softmax_bwd warp log={log}",
+                smx._backward_regs(32, 128, v16, 16 // v16, log),
+                bw,
+                128,
+                True,
+            )
+            yield (
+                f"softmax_bwd block log={log}",
+                smx._backward_regs(1024, 1024, v16, 8 // v16, log),
+                bw,
+                1024,
+                True,
+            )
+            yield f"softmax_bwd loop log={log}", smx._backward_loop(512, v16, log), bw, 512, True
+        yield (
+            "softmax_fwd subwarp scalar",
+            smx._forward_regs(8, 128, 1, 3, False, False, False),
+            fw,
+            128,
+            False,
+        )
+        yield (
+            "softmax_fwd block scalar",
+            smx._forward_regs(512, 512, 1, 9, False, False, True),
+            fw,
+            512,
+            False,
+        )
+        nf = (a, a, a, a, a, a, a32, a32, i64, i64, f32)
+        nb = (a, a, a, a32, a32, a, a32, a32, i64, i64, i64)
+        for rms in (False, True):
+            for res in (False, True):
+                yield (
+                    f"norm_fwd warp rms={rms} res={res}",
+                    nrm._forward_regs(32, 128, v16, 32 // v16, rms, res),
+                    nf,
+                    128,
+                    True,
+                )
+                yield (
+                    f"norm_fwd block rms={rms} res={res}",
+                    nrm._forward_regs(1024, 1024, v16, 16 // v16, rms, res),
+                    nf,
+                    1024,
+                    True,
+                )
+                yield (
+                    f"norm_fwd loop rms={rms} res={res}",
+                    nrm._forward_loop(512, v16, rms, res),
+                    nf,
+                    512,
+                    True,
+                )
+            yield f"norm_bwd warp rms={rms}", nrm._backward_regs(32, 128, v16, 16 // v16, rms), nb, 128, True
+            yield (
+                f"norm_bwd block rms={rms}",
+                nrm._backward_regs(1024, 1024, v16, 8 // v16, rms),
+                nb,
+                1024,
+                True,
+            )
+            yield f"norm_bwd loop rms={rms}", nrm._backward_loop(512, v16, rms), nb, 512, True
+            yield f"norm_bwd subwarp scalar rms={rms}", nrm._backward_regs(4, 128, 1, 5, rms), nb, 128, False
+        for tanh_form in (True, False):
+            for bias in (False, True):
+                name = f"gelu tanh={tanh_form} bias={bias}"
+                yield f"{name} fwd", act._gelu_forward(v16, bias, tanh_form), (a, a, a, i64, i64), 256, True
+                yield (
+                    f"{name} bwd",
+                    act._gelu_backward(v16, bias, tanh_form),
+                    (a, a, a, a, i64, i64),
+                    256,
+                    True,
+                )
+        yield "gelu fwd scalar", act._gelu_forward(1, True, True), (a, a, a, i64, i64), 256, False
+        yield "swiglu fwd", act._swiglu_forward(v16), (a, a, a, i64), 256, True
+        yield "swiglu bwd", act._swiglu_backward(v16), (a, a, a, a, a, i64), 256, True
+        yield "swiglu fwd vec2", act._swiglu_forward(2), (a, a, a, i64), 256, False
+    yield "reduce_partials", nrm._reduce_partials(), (a32, a32, i64, i64), 256, False
+
+
+def _ptxas(ptx: str) -> tuple[str, str]:
+    """(registers, spill-store bytes) from ptxas -v, or ('-', '-') without ptxas."""
+    exe = shutil.which("ptxas")
+    if exe is None:
+        return "-", "-"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        run = subprocess.run(
+            [exe, f"-arch=sm_{CC[0]}{CC[1]}", "-v", path, "-o", os.devnull], capture_output=True, text=True
+        )
+    if run.returncode != 0:
+        raise RuntimeError(f"ptxas failed: {run.stderr[-2000:]}")
+    regs = re.findall(r"Used (\d+) registers", run.stderr)
+    spills = re.findall(r"(\d+) bytes spill stores", run.stderr)
+    return (regs[-1] if regs else "?"), (spills[-1] if spills else "0")
+
+
+def main() -> int:
+    try:
+        from numba.cuda.cudadrv import nvvm
+
+        nvvm.NVVM()  # loads libnvvm
+    except Exception as exc:  # no NVVM: nothing to check here
+        print(f"NVVM unavailable: {exc}")
+        return 77
+    _compile_without_gpu()
+    from numba import cuda
+    from numba.cuda import types as t
+
+    failures = []
+    start = time.time()
+    count = 0
+    for name, kernel, argtypes, block, wide in _cases():
+        dtype = argtypes[0].dtype
+        label = f"{name} [{dtype}]"
+        try:
+            ptx, _ = cuda.compile_ptx(kernel.py_func, argtypes, cc=CC, launch_bounds=block)
+            regs, spills = _ptxas(ptx)
+        except Exception as exc:
+            failures.append(f"{label}: does not compile: {type(exc).__name__}: {str(exc)[:2000]}")
+            continue
+        count += 1
+        problems = []
+        if ".local" in ptx:
+            problems.append("uses local memory")
+        if re.search(r"\.f64\b", ptx):
+            problems.append("has float64 arithmetic")
+        if wide and dtype in (t.float16, t.float32) and "ld.global.v4" not in ptx:
+            problems.append("no 16-byte loads")
+        if spills not in ("0", "-"):
+            problems.append(f"ptxas spills {spills} bytes")
+        status = "; ".join(problems) or "ok"
+        print(f"{label:<58} regs={regs:>4} spill={spills:>3} {status}")
+        if problems:
+            failures.append(f"{label}: {status}")
+    print(f"{count} kernels compiled in {time.time() - start:.1f} s")
+    for f in failures:
+        print("FAIL", f)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,306 @@
+"""The Numba kernels run in the Numba CUDA simulator, on tiny grids, against small float64 formulas.
+
+Not collected by a plain `pytest tests` (the name does not start with test_): test_numba_kernels.py runs this
+file in a subprocess with NUMBA_ENABLE_CUDASIM=1, which must be set before numba.cuda is first imported.
+The simulator runs every CUDA thread as a Python thread (about a second per 128-thread block), so the grids
+here are a few blocks of 32-64 threads; layouts are chosen explicitly (RowPlan) to reach every kernel
+variant: sub-warp groups, warp groups, block groups with the cross-warp shared-memory reduction, the looped
+kernels with several iterations, vector widths 1, 2, 4 and 8, and the scalar tail of the elementwise kernels.
+Warp shuffles come from tests/numba_sim_shim.py. The simulator checks every array index, so an
+out-of-bounds access fails here too.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import pytest
+
+if os.environ.get("NUMBA_ENABLE_CUDASIM", "") in ("", "0"):
+    pytest.skip(
+        "runs under NUMBA_ENABLE_CUDASIM=1 only (test_numba_kernels.py starts it)", allow_module_level=True
+    )
+
+import numba_sim_shim  # noqa: E402
+from tolerances import assert_close  # noqa: E402
+
+numba_sim_shim.install()
+
+from rawformer.kernels.numba import activations as act  # noqa: E402
+from rawformer.kernels.numba import norms as nrm  # noqa: E402
+from rawformer.kernels.numba import softmax as smx  # noqa: E402
+from rawformer.kernels.numba._numba import RowPlan  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings(
+    "ignore::RuntimeWarning"
+)  # NumPy scalars meet -inf - -inf in a kernel
+
+F16, F32 = np.float16, np.float32
+
+
+def _nan(shape, dtype):
+    return np.full(shape, np.nan, dtype=dtype)
+
+
+# ---- float64 formulas -------------------------------------------------------------------------------------
+def softmax64(x, scale=1.0, log=False, mask=None, causal_rows=0, causal_offset=0):
+    z = x.astype(np.float64) * scale
+    if mask is not None:
+        z = z + mask.astype(np.float64)
+    masking = mask is not None or causal_rows > 0
+    if causal_rows:
+        r = np.arange(z.shape[0])[:, None] % causal_rows
+        z = np.where(np.arange(z.shape[1])[None, :] > r + causal_offset, -np.inf, z)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        m = z.max(axis=1, keepdims=True)
+        dead = (m == -np.inf) & masking
+        m = np.where(dead, 0.0, m)
+        e = np.exp(z - m)
+        s = e.sum(axis=1, keepdims=True)
+        y = (z - m - np.log(s)) if log else e / s
+    return np.where(dead, 0.0, y)
+
+
+def softmax_grad64(dy, y, scale, log):
+    g, p = dy.astype(np.float64), y.astype(np.float64)
+    if log:
+        return scale * (g - np.exp(p) * g.sum(axis=1, keepdims=True))
+    return scale * p * (g - (g * p).sum(axis=1, keepdims=True))
+
+
+def norm64(h, w, b, eps, rms):
+    h = h.astype(np.float64)
+    mu = np.zeros((h.shape[0], 1)) if rms else h.mean(axis=1, keepdims=True)
+    rstd = 1.0 / np.sqrt(((h - mu) ** 2).mean(axis=1, keepdims=True) + eps)
+    y = (h - mu) * rstd * w.astype(np.float64)
+    if not rms:
+        y = y + b.astype(np.float64)
+    return y, mu[:, 0], rstd[:, 0]
+
+
+def norm_grad64(dy, x, w, mu, rstd, rms):
+    dy, x = dy.astype(np.float64), x.astype(np.float64)
+    xhat = (x - mu[:, None]) * rstd[:, None]
+    g = dy * w.astype(np.float64)
+    c1 = 0.0 if rms else g.mean(axis=1, keepdims=True)
+    dx = rstd[:, None] * (g - c1 - xhat * (g * xhat).mean(axis=1, keepdims=True))
+    return dx, (dy * xhat).sum(axis=0), dy.sum(axis=0)
+
+
+_erf = np.vectorize(math.erf)
+
+
+def gelu64(u, tanh_form):
+    if tanh_form:
+        return 0.5 * u * (1 + np.tanh(0.7978845608 * (u + 0.044715 * u**3)))
+    return 0.5 * u * (1 + _erf(u / math.sqrt(2)))
+
+
+def gelu_grad64(u, tanh_form):
+    if tanh_form:
+        t = np.tanh(0.7978845608 * (u + 0.044715 * u**3))
+        return 0.5 * (1 + t) + 0.5 * u * (1 - t * t) * 0.7978845608 * (1 + 3 * 0.044715 * u * u)
+    return 0.5 * (1 + _erf(u / math.sqrt(2))) + u * np.exp(-u * u / 2) / math.sqrt(2 * math.pi)
+
+
+# ---- softmax -----------------------------------------------------------------------------------------------
+SOFTMAX_LAYOUTS = [
+    # (plan, rows, cols, dtype): sub-warp groups with 2 packs, a warp group, a 2-warp block group, the loop
+    (RowPlan("regs", 8, 32, 2, 2), 5, 30, F32),
+    (RowPlan("regs", 32, 32, 1, 1), 2, 19, F16),
+    (RowPlan("regs", 64, 64, 4, 1), 2, 200, F32),
+    (RowPlan("loop", 64, 64, 8), 2, 1032, F16),  # 1032 = 2 loop iterations of 512 + 8
+]
+
+
+@pytest.mark.parametrize("plan,rows,cols,dtype", SOFTMAX_LAYOUTS)
+def test_softmax_forward_layouts(plan, rows, cols, dtype):
+    rng = np.random.default_rng(7)
+    x = (rng.standard_normal((rows, cols)) * 3).astype(dtype)
+    mask = np.where(rng.random((rows, cols)) < 0.3, -np.inf, rng.standard_normal((rows, cols))).astype(dtype)
+    mask[0] = -np.inf  # a fully masked row gives zeros
+    for log, m, causal_rows, offset in (
+        (False, None, 0, 0),
+        (True, mask, 0, 0),
+        (False, mask, 2, 1),
+        (True, None, 3, -1),
+    ):
+        y = _nan((rows, cols), dtype)
+        smx.run_forward(plan, x, y, 0.7, log, m, causal_rows, offset)
+        assert_close(y, softmax64(x, 0.7, log, m, causal_rows, offset), dtype, name=f"{plan} log={log}")
+
+
+@pytest.mark.parametrize("plan", [RowPlan("regs", 32, 32, 1, 1), RowPlan("loop", 32, 32, 1)])
+def test_softmax_special_values(plan):
+    x = np.zeros((4, 19), F32)
+    x[0, 3] = np.nan  # NaN: the row is NaN
+    x[1, :] = -np.inf  # all -inf without masking: NaN, as NumPy
+    x[2, 5] = np.inf  # +inf: NaN
+    x[3, 7] = -np.inf  # one -inf entry: 0
+    y = _nan(x.shape, F32)
+    smx.run_forward(plan, x, y, 1.0, False, None, 0, 0)
+    assert np.isnan(y[:3]).all()
+    assert y[3, 7] == 0 and np.allclose(y[3].sum(), 1.0)
+    y = _nan(x.shape, F32)  # with a mask, the all -inf row gives zeros; NaN and +inf still give NaN
+    smx.run_forward(plan, x, y, 1.0, True, np.zeros_like(x), 0, 0)
+    assert np.isnan(y[0]).all() and np.isnan(y[2]).all() and (y[1] == 0).all()
+
+
+@pytest.mark.parametrize(
+    "plan,rows,cols,dtype",
+    [
+        (RowPlan("regs", 8, 32, 2, 2), 5, 30, F16),
+        (RowPlan("regs", 64, 64, 4, 1), 2, 200, F32),
+        (RowPlan("loop", 64, 64, 2), 2, 300, F32),
+    ],
+)
+def test_softmax_backward_layouts(plan, rows, cols, dtype):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((rows, cols))
+    dy = rng.standard_normal((rows, cols)).astype(dtype)
+    for log in (False, True):
+        y = softmax64(x, log=log).astype(dtype)
+        dx = _nan((rows, cols), dtype)
+        smx.run_backward(plan, dy, y, dx, 1.3, log)
+        assert_close(dx, softmax_grad64(dy, y, 1.3, log), dtype, name=f"{plan} log={log}")
+
+
+def test_softmax_default_plan():
+    """The production entry points pick their own layout (here a warp group of a 128-thread block)."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((3, 19)).astype(F16)
+    assert smx.forward_plan(x, x, None) == RowPlan("regs", 32, 128, 1, 1)
+    y = _nan(x.shape, F16)
+    smx.softmax_forward(x, y, 1.0, False, None, 0, 0)
+    assert_close(y, softmax64(x), F16)
+    dx = _nan(x.shape, F16)
+    smx.softmax_backward(x, y, dx, 1.0, False)
+    assert_close(dx, softmax_grad64(x, y, 1.0, False), F16)
+
+
+# ---- norms -------------------------------------------------------------------------------------------------
+NORM_LAYOUTS = [
+    (RowPlan("regs", 8, 32, 2, 2), 5, 30, F32),
+    (RowPlan("regs", 32, 32, 1, 1), 2, 19, F16),
+    (RowPlan("regs", 64, 64, 4, 1), 2, 200, F32),
+    (RowPlan("loop", 64, 64, 8), 2, 1032, F16),
+]
+
+
+@pytest.mark.parametrize("plan,rows,cols,dtype", NORM_LAYOUTS)
+@pytest.mark.parametrize("rms", [False, True], ids=["layer", "rms"])
+def test_norms_forward_layouts(plan, rows, cols, dtype, rms):
+    rng = np.random.default_rng(11)
+    x = (rng.standard_normal((rows, cols)) + 2).astype(dtype)
+    res = rng.standard_normal((rows, cols)).astype(dtype)
+    w = rng.standard_normal(cols).astype(dtype)
+    b = rng.standard_normal(cols).astype(dtype)
+    for residual in (None, res):
+        y, h = _nan((rows, cols), dtype), (None if residual is None else _nan((rows, cols), dtype))
+        mean = None if rms else _nan(rows, F32)
+        rstd = _nan(rows, F32)
+        nrm.run_forward(plan, x, residual, w, None if rms else b, y, h, mean, rstd, 1e-5)
+        h64 = x.astype(np.float64) + (0 if residual is None else residual)
+        ry, rmu, rr = norm64(h64, w, b, 1e-5, rms)
+        assert_close(y, ry, dtype, name="y")
+        assert_close(rstd, rr, F32, name="rstd")
+        if not rms:
+            assert_close(mean, rmu, F32, name="mean")
+        if residual is not None:
+            assert_close(h, h64, dtype, name="h")
+
+
+@pytest.mark.parametrize(
+    "plan,rows,cols,dtype,grid",
+    [
+        (RowPlan("regs", 8, 32, 2, 2), 20, 30, F32, 2),  # 8 row groups, 3 rows each
+        (RowPlan("regs", 32, 32, 8, 1), 3, 256, F16, 1),  # 16-byte vectors, one group loops over 3 rows
+        (RowPlan("regs", 64, 64, 4, 1), 3, 200, F32, 1),
+        (RowPlan("loop", 64, 64, 2), 3, 300, F16, 2),
+    ],
+)
+@pytest.mark.parametrize("rms", [False, True], ids=["layer", "rms"])
+def test_norms_backward_layouts(plan, rows, cols, dtype, grid, rms):
+    rng = np.random.default_rng(13)
+    x = rng.standard_normal((rows, cols)).astype(dtype)
+    dy = rng.standard_normal((rows, cols)).astype(dtype)
+    w = rng.standard_normal(cols).astype(dtype)
+    _, mu, rstd = norm64(x, w, w, 1e-5, rms)
+    mu, rstd = mu.astype(F32), rstd.astype(F32)
+    dx = _nan((rows, cols), dtype)
+    dw, db = _nan(cols, F32), (None if rms else _nan(cols, F32))
+    nrm.run_backward(plan, dy, x, w, None if rms else mu, rstd, dx, dw, db, grid=grid)
+    rdx, rdw, rdb = norm_grad64(dy, x, w, mu, rstd, rms)
+    assert_close(dx, rdx, dtype, name="dx")
+    assert_close(dw, rdw, F32, name="dweight")
+    if not rms:
+        assert_close(db, rdb, F32, name="dbias")
+
+
+def test_norms_empty():
+    x = np.zeros((0, 8), F32)
+    dw, db = _nan(8, F32), _nan(8, F32)
+    nrm.layer_norm_backward(x, x, np.ones(8, F32), np.zeros(0, F32), np.zeros(0, F32), x.copy(), dw, db)
+    assert (dw == 0).all() and (db == 0).all()  # sums over no rows
+    x = np.zeros((2, 0), F32)
+    mean, rstd = np.zeros(2, F32), np.zeros(2, F32)
+    nrm.layer_norm_forward(x, None, np.ones(0, F32), np.zeros(0, F32), x.copy(), None, mean, rstd, 1e-5)
+    assert np.isnan(mean).all() and np.isnan(rstd).all()
+
+
+def test_norms_default_plan():
+    rng = np.random.default_rng(17)
+    x = rng.standard_normal((3, 24)).astype(F16)
+    w = rng.standard_normal(24).astype(F16)
+    y, rstd = _nan(x.shape, F16), _nan(3, F32)
+    nrm.rms_norm_forward(x, None, w, y, None, rstd, 1e-6)
+    assert_close(y, norm64(x, w, w, 1e-6, True)[0], F16)
+    dx, dw = _nan(x.shape, F16), _nan(24, F32)
+    nrm.rms_norm_backward(x, x, w, rstd, dx, dw)
+    rdx, rdw, _ = norm_grad64(x, x, w, np.zeros(3), rstd, True)
+    assert_close(dx, rdx, F16)
+    assert_close(dw, rdw, F32)
+
+
+# ---- activations -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "rows,cols,dtype,vec",
+    [(3, 37, F16, None), (2, 24, F16, 8), (4, 16, F32, None), (5, 7, F32, 1), (2, 10, F16, 2)],
+)
+@pytest.mark.parametrize("approximate", ["tanh", "none"])
+def test_activations_gelu(rows, cols, dtype, vec, approximate):
+    rng = np.random.default_rng(19)
+    x = (rng.standard_normal((rows, cols)) * 3).astype(dtype)
+    dy = rng.standard_normal((rows, cols)).astype(dtype)
+    b = rng.standard_normal(cols).astype(dtype)
+    tanh_form = approximate == "tanh"
+    for bias in (None, b):
+        if bias is not None and vec is not None and cols % vec:
+            continue
+        u = x.astype(np.float64) + (0 if bias is None else bias)
+        y = _nan(x.shape, dtype)
+        act.gelu_forward(x, bias, y, approximate, vec=vec)
+        assert_close(y, gelu64(u, tanh_form), dtype, name="gelu")
+        dx = _nan(x.shape, dtype)
+        act.gelu_backward(dy, x, bias, dx, approximate, vec=vec)
+        assert_close(dx, dy * gelu_grad64(u, tanh_form), dtype, name="gelu_backward")
+
+
+@pytest.mark.parametrize("rows,cols,dtype,vec", [(3, 37, F16, None), (4, 16, F32, None), (2, 10, F16, 2)])
+def test_activations_swiglu(rows, cols, dtype, vec):
+    rng = np.random.default_rng(23)
+    g = (rng.standard_normal((rows, cols)) * 4).astype(dtype)
+    g[0, :3] = [-30.0, 30.0, 0.0]  # saturated sigmoid on both sides
+    up = rng.standard_normal((rows, cols)).astype(dtype)
+    dy = rng.standard_normal((rows, cols)).astype(dtype)
+    g64 = g.astype(np.float64)
+    s = 1 / (1 + np.exp(-g64))
+    y = _nan(g.shape, dtype)
+    act.swiglu_forward(g, up, y, vec=vec)
+    assert_close(y, g64 * s * up, dtype, name="swiglu")
+    dg, du = _nan(g.shape, dtype), _nan(g.shape, dtype)
+    act.swiglu_backward(dy, g, up, dg, du, vec=vec)
+    assert_close(dg, dy * up * s * (1 + g64 * (1 - s)), dtype, name="dgate")
+    assert_close(du, dy * g64 * s, dtype, name="dup")
