@@ -86,7 +86,12 @@ def gpu_slug(name: str) -> str:
 
 
 def git_commit(root: Path = REPO_ROOT) -> tuple[str, bool]:
-    """(HEAD commit, whether the work tree has uncommitted changes); ('unknown', False) outside a repo."""
+    """(HEAD commit, whether the work tree has uncommitted changes); ('unknown', False) outside a repo.
+
+    A copy of the work tree without .git (the GPU machine gets one) names its commit in RAWFORMER_COMMIT.
+    """
+    if os.environ.get("RAWFORMER_COMMIT"):
+        return os.environ["RAWFORMER_COMMIT"], False
     try:
         head = subprocess.run(
             ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10

@@ -10,7 +10,9 @@ Per kernel, in both float16 and float32:
 - no local memory (`.local`): the register arrays were fully unrolled and promoted, nothing spilled by NVVM;
 - no float64 arithmetic (`.f64`): a stray Python float literal would silently make the maths double;
 - 16-byte global loads (`ld.global.v4`) where the variant reads 16-byte vectors;
-- ptxas (when on PATH) assembles it for sm_90 with no spill stores; its register count is printed.
+- ptxas (when on PATH) assembles it for sm_90, under the kernel's own launch bounds (threads per block and,
+  for the register-resident block kernels, the minimum resident blocks per SM that caps registers at 64),
+  with no spill stores; its register count is printed.
 Device functions are compiled for the current device's compute capability, which needs a GPU: the check
 pretends the current device is sm_90 (this process only).
 """
@@ -51,116 +53,131 @@ def _compile_without_gpu() -> None:
 
 
 def _cases():
-    """(name, dispatcher, numba argument types, block, expects 16-byte loads)."""
+    """(name, dispatcher, numba argument types, expects 16-byte loads), for the production layouts: every
+    tier of each register plan at its largest size, the looped and column kernels, and scalar fallbacks."""
     from numba.cuda import types as t
 
     from rawformer.kernels.numba import activations as act
     from rawformer.kernels.numba import norms as nrm
     from rawformer.kernels.numba import softmax as smx
+    from rawformer.kernels.numba._numba import per_word
 
     i64, f32 = t.int64, t.float32
     a32 = f32[::1]
     for dt in (t.float16, t.float32):
         a = dt[::1]
         v16 = 16 // (dt.bitwidth // 8)  # elements of a 16-byte vector
+        per = per_word("float16" if dt == t.float16 else "float32", v16)  # packed elements per word
         fw = (a, a, a, i64, i64, f32, i64, i64)
         bw = (a, a, a, i64, i64, f32)
+        fwd_block = smx.FORWARD_BLOCK_TIERS[-1][1]
         for log in (False, True):
             yield (
                 f"softmax_fwd warp log={log}",
-                smx._forward_regs(32, 128, v16, 32 // v16, log, True, True),
+                smx._forward_regs(32, 128, v16, smx.FORWARD_WARP_ITEMS // v16, log, True, True),
                 fw,
-                128,
                 True,
             )
             yield (
-                f"softmax_fwd block log={log}",
-                smx._forward_regs(1024, 1024, v16, 16 // v16, log, True, False),
+                f"softmax_fwd block1024 log={log}",
+                smx._forward_regs(1024, 1024, v16, fwd_block // v16, log, True, False, 1),
                 fw,
-                1024,
                 True,
             )
-            yield f"softmax_fwd loop log={log}", smx._forward_loop(512, v16, log, True, True), fw, 512, True
+            yield (
+                f"softmax_fwd block512 log={log}",
+                smx._forward_regs(512, 512, v16, fwd_block // v16, log, False, False, 2),
+                fw,
+                True,
+            )
+            yield f"softmax_fwd loop log={log}", smx._forward_loop(512, v16, log, True, True), fw, True
+            warp_items = smx.BACKWARD_WARP_WORDS * per
             yield (
                 f"softmax_bwd warp log={log}",
-                smx._backward_regs(32, 128, v16, 16 // v16, log),
+                smx._backward_regs(32, 128, v16, warp_items // v16, per, log),
                 bw,
-                128,
                 True,
             )
-            yield (
-                f"softmax_bwd block log={log}",
-                smx._backward_regs(1024, 1024, v16, 8 // v16, log),
-                bw,
-                1024,
-                True,
-            )
-            yield f"softmax_bwd loop log={log}", smx._backward_loop(512, v16, log), bw, 512, True
-        yield (
-            "softmax_fwd subwarp scalar",
-            smx._forward_regs(8, 128, 1, 3, False, False, False),
-            fw,
-            128,
-            False,
-        )
-        yield (
-            "softmax_fwd block scalar",
-            smx._forward_regs(512, 512, 1, 9, False, False, True),
-            fw,
-            512,
-            False,
-        )
+            for threads, words in sorted(set(smx.BACKWARD_BLOCK_TIERS)):
+                if threads < 512:
+                    continue
+                yield (
+                    f"softmax_bwd block{threads}x{words}w log={log}",
+                    smx._backward_regs(threads, threads, v16, words * per // v16, per, log, 1024 // threads),
+                    bw,
+                    True,
+                )
+            yield f"softmax_bwd loop log={log}", smx._backward_loop(512, v16, log), bw, True
+        yield "softmax_fwd subwarp scalar", smx._forward_regs(8, 128, 1, 3, False, False, False), fw, False
+        yield "softmax_fwd block scalar", smx._forward_regs(512, 512, 1, 9, False, False, True, 2), fw, False
+        yield "softmax_bwd block scalar", smx._backward_regs(1024, 1024, 1, 16, 1, False, 1), bw, False
         nf = (a, a, a, a, a, a, a32, a32, i64, i64, f32)
         nb = (a, a, a, a32, a32, a, a32, a32, i64, i64, i64)
+        ns = (a, a, a, a32, a32, a32, i64, i64)
+        nc = (a, a, a, a32, a32, a32, a, a32, a32, i64, i64, i64)
         for rms in (False, True):
             for res in (False, True):
+                tag = f"rms={rms} res={res}"
+                warp_words = nrm.FORWARD_RES_WARP_WORDS if res else nrm.FORWARD_WARP_WORDS
+                tiers = nrm.FORWARD_RES_BLOCK_TIERS if res else nrm.FORWARD_BLOCK_TIERS
                 yield (
-                    f"norm_fwd warp rms={rms} res={res}",
-                    nrm._forward_regs(32, 128, v16, 32 // v16, rms, res),
+                    f"norm_fwd warp {tag}",
+                    nrm._forward_regs(32, 128, v16, warp_words * per // v16, per, rms, res),
                     nf,
-                    128,
                     True,
                 )
-                yield (
-                    f"norm_fwd block rms={rms} res={res}",
-                    nrm._forward_regs(1024, 1024, v16, 16 // v16, rms, res),
-                    nf,
-                    1024,
-                    True,
-                )
-                yield (
-                    f"norm_fwd loop rms={rms} res={res}",
-                    nrm._forward_loop(512, v16, rms, res),
-                    nf,
-                    512,
-                    True,
-                )
-            yield f"norm_bwd warp rms={rms}", nrm._backward_regs(32, 128, v16, 16 // v16, rms), nb, 128, True
+                for threads, words in tiers:  # the first tier and the widest per thread count
+                    if (threads, words) != tiers[0] and words != max(w for _, w in tiers if _ == threads):
+                        continue
+                    yield (
+                        f"norm_fwd block{threads}x{words}w {tag}",
+                        nrm._forward_regs(
+                            threads, threads, v16, words * per // v16, per, rms, res, 1024 // threads
+                        ),
+                        nf,
+                        True,
+                    )
+                yield f"norm_fwd loop {tag}", nrm._forward_loop(512, v16, rms, res), nf, True
             yield (
-                f"norm_bwd block rms={rms}",
-                nrm._backward_regs(1024, 1024, v16, 8 // v16, rms),
-                nb,
-                1024,
-                True,
+                f"norm_fwd block scalar rms={rms}",
+                nrm._forward_regs(512, 512, 1, 16, 1, rms, False, 2),
+                nf,
+                False,
             )
-            yield f"norm_bwd loop rms={rms}", nrm._backward_loop(512, v16, rms), nb, 512, True
-            yield f"norm_bwd subwarp scalar rms={rms}", nrm._backward_regs(4, 128, 1, 5, rms), nb, 128, False
+            packs = max(1, nrm.BACKWARD_ITEMS // v16)
+            for group in (32, 128, 1024):
+                block = max(group, nrm.BACKWARD_BLOCK)
+                yield (
+                    f"norm_bwd group{group} block{block} rms={rms}",
+                    nrm._backward_regs(group, block, v16, packs, per, rms),
+                    nb,
+                    True,
+                )
+            yield (
+                f"norm_bwd subwarp scalar rms={rms}",
+                nrm._backward_regs(4, nrm.BACKWARD_BLOCK, 1, nrm.BACKWARD_ITEMS, 1, rms),
+                nb,
+                False,
+            )
+            yield f"norm_bwd stats rms={rms}", nrm._backward_stats(nrm.STATS_THREADS, v16, rms), ns, True
+            yield f"norm_bwd cols rms={rms}", nrm._backward_cols(nrm.COL_THREADS, v16, per, rms), nc, True
+            yield f"norm_bwd cols scalar rms={rms}", nrm._backward_cols(nrm.COL_THREADS, 1, 1, rms), nc, False
         for tanh_form in (True, False):
             for bias in (False, True):
                 name = f"gelu tanh={tanh_form} bias={bias}"
-                yield f"{name} fwd", act._gelu_forward(v16, bias, tanh_form), (a, a, a, i64, i64), 256, True
-                yield (
-                    f"{name} bwd",
-                    act._gelu_backward(v16, bias, tanh_form),
-                    (a, a, a, a, i64, i64),
-                    256,
-                    True,
-                )
-        yield "gelu fwd scalar", act._gelu_forward(1, True, True), (a, a, a, i64, i64), 256, False
-        yield "swiglu fwd", act._swiglu_forward(v16), (a, a, a, i64), 256, True
-        yield "swiglu bwd", act._swiglu_backward(v16), (a, a, a, a, a, i64), 256, True
-        yield "swiglu fwd vec2", act._swiglu_forward(2), (a, a, a, i64), 256, False
-    yield "reduce_partials", nrm._reduce_partials(), (a32, a32, i64, i64), 256, False
+                yield f"{name} fwd", act._gelu_forward(v16, bias, tanh_form), (a, a, a, i64, i64), True
+                yield f"{name} bwd", act._gelu_backward(v16, bias, tanh_form), (a, a, a, a, i64, i64), True
+        yield "gelu fwd scalar", act._gelu_forward(1, True, True), (a, a, a, i64, i64), False
+        yield "swiglu fwd", act._swiglu_forward(v16), (a, a, a, i64), True
+        yield "swiglu bwd", act._swiglu_backward(v16), (a, a, a, a, a, i64), True
+        yield "swiglu fwd vec2", act._swiglu_forward(2), (a, a, a, i64), False
+    for both in (False, True):
+        yield (
+            f"reduce_partials both={both}",
+            nrm._reduce_partials(both),
+            (a32, a32, a32, a32, i64, i64),
+            False,
+        )
 
 
 def _ptxas(ptx: str) -> tuple[str, str]:
@@ -197,11 +214,12 @@ def main() -> int:
     failures = []
     start = time.time()
     count = 0
-    for name, kernel, argtypes, block, wide in _cases():
+    for name, kernel, argtypes, wide in _cases():
         dtype = argtypes[0].dtype
         label = f"{name} [{dtype}]"
+        bounds = kernel.targetoptions["launch_bounds"]  # (threads, min blocks per SM) as production
         try:
-            ptx, _ = cuda.compile_ptx(kernel.py_func, argtypes, cc=CC, launch_bounds=block)
+            ptx, _ = cuda.compile_ptx(kernel.py_func, argtypes, cc=CC, launch_bounds=bounds)
             regs, spills = _ptxas(ptx)
         except Exception as exc:
             failures.append(f"{label}: does not compile: {type(exc).__name__}: {str(exc)[:2000]}")
@@ -217,7 +235,7 @@ def main() -> int:
         if spills not in ("0", "-"):
             problems.append(f"ptxas spills {spills} bytes")
         status = "; ".join(problems) or "ok"
-        print(f"{label:<58} regs={regs:>4} spill={spills:>3} {status}")
+        print(f"{label:<62} bounds={str(bounds):<9} regs={regs:>4} spill={spills:>3} {status}")
         if problems:
             failures.append(f"{label}: {status}")
     print(f"{count} kernels compiled in {time.time() - start:.1f} s")

@@ -2,11 +2,13 @@
 
 Not collected by a plain `pytest tests` (the name does not start with test_): test_numba_kernels.py runs this
 file in a subprocess with NUMBA_ENABLE_CUDASIM=1, which must be set before numba.cuda is first imported.
-The simulator runs every CUDA thread as a Python thread (about a second per 128-thread block), so the grids
-here are a few blocks of 32-64 threads; layouts are chosen explicitly (RowPlan) to reach every kernel
-variant: sub-warp groups, warp groups, block groups with the cross-warp shared-memory reduction, the looped
-kernels with several iterations, vector widths 1, 2, 4 and 8, and the scalar tail of the elementwise kernels.
-Warp shuffles come from tests/numba_sim_shim.py. The simulator checks every array index, so an
+The simulator runs every CUDA thread as a Python thread, so the grids here are a few blocks of 32-128
+threads; layouts are chosen explicitly (RowPlan) to reach every kernel variant: sub-warp groups, warp groups,
+multi-warp groups (alone in a block, and several per block with the backward's shared-memory combine),
+packed rows (two float16 per word, and the one-per-word scalar float16 case), the looped kernels with several
+batches and a tail, the norm backward's column-slab mode with unequal slabs, the partial-sum reduction with
+several rounds, vector widths 1, 2, 4 and 8, and the scalar tail of the elementwise kernels. Warp shuffles
+and a faster block runner come from tests/numba_sim_shim.py. The simulator checks every array index, so an
 out-of-bounds access fails here too.
 """
 
@@ -151,7 +153,9 @@ def test_softmax_special_values(plan):
 @pytest.mark.parametrize(
     "plan,rows,cols,dtype",
     [
-        (RowPlan("regs", 8, 32, 2, 2), 5, 30, F16),
+        (RowPlan("regs", 8, 32, 2, 2), 5, 30, F16),  # packed: one word per vector of two
+        (RowPlan("regs", 8, 32, 8, 2), 5, 120, F16),  # four words per 16-byte vector
+        (RowPlan("regs", 32, 32, 1, 2), 2, 50, F16),  # scalar float16: one element per word
         (RowPlan("regs", 64, 64, 4, 1), 2, 200, F32),
         (RowPlan("loop", 64, 64, 2), 2, 300, F32),
     ],
@@ -183,9 +187,11 @@ def test_softmax_default_plan():
 # ---- norms -------------------------------------------------------------------------------------------------
 NORM_LAYOUTS = [
     (RowPlan("regs", 8, 32, 2, 2), 5, 30, F32),
-    (RowPlan("regs", 32, 32, 1, 1), 2, 19, F16),
-    (RowPlan("regs", 64, 64, 4, 1), 2, 200, F32),
-    (RowPlan("loop", 64, 64, 8), 2, 1032, F16),
+    (RowPlan("regs", 8, 32, 8, 3), 3, 184, F16),  # packed, four words per vector, a short last pack
+    (RowPlan("regs", 32, 32, 1, 1), 2, 19, F16),  # scalar float16: one element per word
+    (RowPlan("regs", 64, 64, 2, 2), 2, 250, F16),  # a 2-warp block group, one word per vector
+    (RowPlan("loop", 64, 64, 8), 2, 2312, F16),  # batches of 64 x 32 (64 x 16 with a residual), a tail
+    (RowPlan("loop", 32, 32, 1), 2, 601, F32),  # scalar batches of 16, the last one partial
 ]
 
 
@@ -193,7 +199,7 @@ NORM_LAYOUTS = [
 @pytest.mark.parametrize("rms", [False, True], ids=["layer", "rms"])
 def test_norms_forward_layouts(plan, rows, cols, dtype, rms):
     rng = np.random.default_rng(11)
-    x = (rng.standard_normal((rows, cols)) + 2).astype(dtype)
+    x = (rng.standard_normal((rows, cols)) * 2 + 30).astype(dtype)  # mean >> spread: no cancellation
     res = rng.standard_normal((rows, cols)).astype(dtype)
     w = rng.standard_normal(cols).astype(dtype)
     b = rng.standard_normal(cols).astype(dtype)
@@ -202,7 +208,8 @@ def test_norms_forward_layouts(plan, rows, cols, dtype, rms):
         mean = None if rms else _nan(rows, F32)
         rstd = _nan(rows, F32)
         nrm.run_forward(plan, x, residual, w, None if rms else b, y, h, mean, rstd, 1e-5)
-        h64 = x.astype(np.float64) + (0 if residual is None else residual)
+        # with a residual, h as stored (x + residual rounded to the dtype) is what is normalised
+        h64 = x.astype(np.float64) if residual is None else (x.astype(np.float64) + residual).astype(dtype)
         ry, rmu, rr = norm64(h64, w, b, 1e-5, rms)
         assert_close(y, ry, dtype, name="y")
         assert_close(rstd, rr, F32, name="rstd")
@@ -212,17 +219,26 @@ def test_norms_forward_layouts(plan, rows, cols, dtype, rms):
             assert_close(h, h64, dtype, name="h")
 
 
+@pytest.fixture
+def small_reduce(monkeypatch):
+    """The partial-sum reduction with 2 slices per column (the kernel is the same; the simulator is slow
+    with the production 512-thread blocks), so a few partial rows already take several rounds."""
+    monkeypatch.setattr(nrm, "REDUCE_SLICES", 2)
+
+
 @pytest.mark.parametrize(
     "plan,rows,cols,dtype,grid",
     [
-        (RowPlan("regs", 8, 32, 2, 2), 20, 30, F32, 2),  # 8 row groups, 3 rows each
-        (RowPlan("regs", 32, 32, 8, 1), 3, 256, F16, 1),  # 16-byte vectors, one group loops over 3 rows
-        (RowPlan("regs", 64, 64, 4, 1), 3, 200, F32, 1),
-        (RowPlan("loop", 64, 64, 2), 3, 300, F16, 2),
+        (RowPlan("regs", 8, 32, 2, 2), 45, 30, F32, 12),  # 4 groups per block, 12 partial rows: 2 rounds
+        (RowPlan("regs", 32, 64, 8, 1), 5, 256, F16, 1),  # 2 warp groups per block, one loops over 3 rows
+        (RowPlan("regs", 64, 128, 4, 1), 5, 200, F32, 1),  # 2 groups of 2 warps per block
+        (RowPlan("regs", 64, 64, 1, 4), 3, 250, F16, 2),  # group == block, scalar float16
+        (RowPlan("cols", 32, 32, 8, 0), 7, 296, F16, 3),  # slabs of 3, 3 and 1 rows; 2 column blocks
+        (RowPlan("cols", 64, 32, 1, 0), 11, 45, F32, 20),  # a slab per row (more slabs than rows asked)
     ],
 )
 @pytest.mark.parametrize("rms", [False, True], ids=["layer", "rms"])
-def test_norms_backward_layouts(plan, rows, cols, dtype, grid, rms):
+def test_norms_backward_layouts(plan, rows, cols, dtype, grid, rms, small_reduce):
     rng = np.random.default_rng(13)
     x = rng.standard_normal((rows, cols)).astype(dtype)
     dy = rng.standard_normal((rows, cols)).astype(dtype)
@@ -250,7 +266,9 @@ def test_norms_empty():
     assert np.isnan(mean).all() and np.isnan(rstd).all()
 
 
-def test_norms_default_plan():
+def test_norms_default_plan(small_reduce):
+    """The production entry points pick their own layouts (a packed warp group forward; backward, a group
+    of 4 threads per row in a 512-thread block)."""
     rng = np.random.default_rng(17)
     x = rng.standard_normal((3, 24)).astype(F16)
     w = rng.standard_normal(24).astype(F16)

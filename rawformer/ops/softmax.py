@@ -26,10 +26,10 @@ multiple of it and every pointer is 16-byte aligned, else 1. Forward, by row len
 thread in registers):
     cols <= 256            v2, warp per row, 8 elements per lane
     cols <= 1024           v2, warp per row, 32 elements per lane
-    cols <= 16384          v3, block per row, THREADS = the power of two >= cols / 32 (64 ... 512)
+    cols <= 32768          v3, block per row, THREADS = the power of two >= cols / 32 (64 ... 1024; with a
+                           mask up to 512, i.e. 16384 columns)
     cols <= 256k (sm_90)   v5, a cluster of 2, 4 or 8 blocks of 512 threads per row (8 x 1024 past 128k;
                            masked rows stop at 128k)
-    cols <= 32768 (sm_80)  v3 with 1024 threads (unmasked only)
     longer                 v4, online (max, sum) pass + write pass
 Backward (dy and y held as raw storage: E = 32 elements per thread for fp16 16-byte vectors, else 16):
     cols <= 32 * E         v2 (a smaller instantiation for cols <= 8 * E)

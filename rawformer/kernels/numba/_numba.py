@@ -204,7 +204,6 @@ else:
 
         return types.void(dst, i, src, j, n), codegen
 
-
     def _check_word_args(mem, idx, words, e, n):
         return (
             isinstance(n, types.IntegerLiteral)
@@ -253,7 +252,7 @@ else:
 
     @intrinsic
     def word_get(typingctx, words, e, like, n):
-        """Element e of a packed row (stored from arrays of `like`'s dtype, n elements per load) as float32."""
+        """Element e of a packed row (loaded from arrays of `like`'s dtype, n per load) as float32."""
         if not _check_word_args(like, e, words, e, n):
             return None
         per = per_word(np.dtype(str(like.dtype)), n.literal_value)
@@ -292,8 +291,8 @@ def jit_kernel(max_threads: int, min_blocks: int = 1) -> Any:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Reductions over a row group: G consecutive lanes of a warp (G <= 32), or G consecutive threads that are whole
-# warps of the block (G a multiple of 32 dividing the block; G = block is block-per-row)
+# Reductions over a row group: G consecutive lanes of a warp (G <= 32), or G consecutive threads that are
+# whole warps of the block (G a multiple of 32 dividing the block; G = block is block-per-row)
 # ----------------------------------------------------------------------------------------------------------
 @cuda.jit(device=True)
 def max_nan(a, b):
@@ -524,7 +523,8 @@ class RowPlan:
     block-per-row (the norm backward also puts several multi-warp groups in one block).
     mode "loop": one block of `block` threads per row, looping over the row in vec-wide steps (rows too long
     for registers); the row is read again for the output pass (from L2 for all but the longest rows).
-    mode "cols" (norm backward only): per-row constants first, then a column-slab kernel; see norms.py.
+    mode "cols" (norm backward only): per-row constants from a kernel of `group` threads per row, then a
+    column-slab kernel in blocks of `block` threads (one column vector per thread); see norms.py.
     """
 
     mode: str

@@ -10,8 +10,14 @@ masking a row follows NumPy: a NaN, or a max of +/-inf, makes the whole row NaN.
 
 Kernels (the layout is `RowPlan` in _numba.py; arrays are flat, row r starts at r * cols):
   regs  the row lives in registers (a cuda.local.array of compile-time size, fully unrolled: no local memory):
-        one HBM read of x (and mask), one write of y. A group of G <= 32 lanes per row for rows up to 1024
-        (forward; 512 backward), else one block of 128..1024 threads per row up to 16384 (8192 backward).
+        one HBM read of x (and mask), one write of y.
+        forward: z as float32, a group of G <= 32 lanes per row for rows up to 1024, else one block of
+        128..1024 threads per row (16 per thread) up to 16384.
+        backward: dy and y held as packed storage words (`load_words` / `word_get`: two float16 per
+        register), 16 words of each per lane in warp groups (1024 float16 / 512 float32 columns), else a
+        block per row: 128..1024 threads of 8 words, then 1024 threads of 16 words (32768 float16 / 16384
+        float32 columns: a 32000-column vocabulary row is read once).
+        Block kernels are capped at 64 registers (1024 threads per SM).
         Reductions: shfl_xor_sync butterflies, across warps through 32 floats of shared memory.
   loop  one block of 512 threads per row for longer rows: an online pass (running max, sum rescaled when the
         max grows, one exp per element) then the output pass, which reads x again (mostly from L2).
@@ -41,28 +47,39 @@ from rawformer.kernels.numba._numba import (
     jit_kernel,
     launch,
     load_vec,
+    load_words,
     make_group_reducers,
     max_nan,
+    min_blocks,
+    per_word,
     plan_rows,
     store_vec,
+    uint32,
     vec_width,
+    word_get,
 )
 
-FORWARD_ITEMS = (32, 16)  # elements per thread in registers: warp groups, block groups
-BACKWARD_ITEMS = (16, 8)  # backward holds y and dy
+# Register budgets per thread. Forward: float32 elements (warp groups; (threads, elements) block tiers).
+FORWARD_WARP_ITEMS = 32
+FORWARD_BLOCK_TIERS = ((128, 16), (256, 16), (512, 16), (1024, 16))
+# Backward: 32-bit words of each of dy and y (x2 elements for float16 vectors).
+BACKWARD_WARP_WORDS = 16
+BACKWARD_BLOCK_TIERS = ((128, 8), (256, 8), (512, 8), (1024, 8), (1024, 16))
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Forward
 # ----------------------------------------------------------------------------------------------------------
 @functools.cache
-def _forward_regs(group: int, block: int, vec: int, packs: int, log: bool, has_mask: bool, causal: bool):
+def _forward_regs(
+    group: int, block: int, vec: int, packs: int, log: bool, has_mask: bool, causal: bool, min_blk: int = 1
+):
     items = vec * packs
     rows_per_block = block // group
     masking = has_mask or causal
     group_sum, group_max = make_group_reducers(group, block)
 
-    @jit_kernel(block)
+    @jit_kernel(block, min_blk)
     def softmax_forward_regs(x, mask, y, rows, cols, scale, causal_rows, causal_offset):
         scratch = cuda.shared.array(32, float32)
         buf = cuda.local.array(items, float32)
@@ -202,7 +219,7 @@ def forward_plan(x: Any, y: Any, mask: Any) -> RowPlan:
     """The layout `softmax_forward` uses for these arrays."""
     cols = x.shape[1]
     vec = vec_width((cols,), x, y, mask)
-    return plan_rows(cols, vec, *FORWARD_ITEMS)
+    return plan_rows(cols, vec, FORWARD_WARP_ITEMS, FORWARD_BLOCK_TIERS)
 
 
 def run_forward(plan: RowPlan, x, y, scale, log, mask, causal_rows, causal_offset) -> None:
@@ -223,7 +240,9 @@ def run_forward(plan: RowPlan, x, y, scale, log, mask, causal_rows, causal_offse
     )
     stream = current_stream(x)
     if plan.mode == "regs":
-        kernel = _forward_regs(plan.group, plan.block, plan.vec, plan.packs, bool(log), has_mask, causal)
+        kernel = _forward_regs(
+            plan.group, plan.block, plan.vec, plan.packs, bool(log), has_mask, causal, min_blocks(plan)
+        )
         launch(kernel, -(-rows // plan.rows_per_block), plan.block, stream, *args)
     else:
         kernel = _forward_loop(plan.block, plan.vec, bool(log), has_mask, causal)
@@ -249,45 +268,49 @@ def softmax_forward(x, y, scale, log, mask, causal_rows, causal_offset) -> None:
 # Backward
 # ----------------------------------------------------------------------------------------------------------
 @functools.cache
-def _backward_regs(group: int, block: int, vec: int, packs: int, log: bool):
+def _backward_regs(group: int, block: int, vec: int, packs: int, per: int, log: bool, min_blk: int = 1):
     items = vec * packs
+    nwords = items // per
     rows_per_block = block // group
     group_sum, _ = make_group_reducers(group, block)
 
-    @jit_kernel(block)
+    @jit_kernel(block, min_blk)
     def softmax_backward_regs(dy, y, dx, rows, cols, scale):
         scratch = cuda.shared.array(32, float32)
-        gb = cuda.local.array(items, float32)
-        yb = cuda.local.array(items, float32)
+        gw = cuda.local.array(nwords, uint32)  # dy and y packed as stored (two float16 per word)
+        yw = cuda.local.array(nwords, uint32)
+        out = cuda.local.array(vec, float32)
         t = cuda.threadIdx.x % group
         row = cuda.blockIdx.x * rows_per_block + cuda.threadIdx.x // group
         valid = row < rows
         base = int64(row) * cols
+        for p in range(packs):  # every load of the row first
+            c = (p * group + t) * vec
+            if valid and c < cols:
+                load_words(dy, base + c, gw, p * vec, vec)
+                load_words(y, base + c, yw, p * vec, vec)
         acc = float32(0)
         for p in range(packs):
             c = (p * group + t) * vec
             if valid and c < cols:
-                load_vec(dy, base + c, gb, p * vec, vec)
-                load_vec(y, base + c, yb, p * vec, vec)
                 for k in range(vec):
+                    g = word_get(gw, p * vec + k, dy, vec)
                     if log:
-                        acc += gb[p * vec + k]
+                        acc += g
                     else:
-                        acc += gb[p * vec + k] * yb[p * vec + k]
-            else:
-                for k in range(vec):
-                    gb[p * vec + k] = float32(0)
-                    yb[p * vec + k] = float32(0)
+                        acc += g * word_get(yw, p * vec + k, y, vec)
         acc = group_sum(acc, scratch)
-        for i in range(items):
-            if log:
-                gb[i] = scale * (gb[i] - math.exp(yb[i]) * acc)
-            else:
-                gb[i] = scale * yb[i] * (gb[i] - acc)
         for p in range(packs):
             c = (p * group + t) * vec
             if valid and c < cols:
-                store_vec(dx, base + c, gb, p * vec, vec)
+                for k in range(vec):
+                    g = word_get(gw, p * vec + k, dy, vec)
+                    v = word_get(yw, p * vec + k, y, vec)
+                    if log:
+                        out[k] = scale * (g - math.exp(v) * acc)
+                    else:
+                        out[k] = scale * v * (g - acc)
+                store_vec(dx, base + c, out, 0, vec)
 
     return softmax_backward_regs
 
@@ -335,7 +358,9 @@ def backward_plan(dy: Any, y: Any, dx: Any) -> RowPlan:
     """The layout `softmax_backward` uses for these arrays."""
     cols = dy.shape[1]
     vec = vec_width((cols,), dy, y, dx)
-    return plan_rows(cols, vec, *BACKWARD_ITEMS)
+    per = per_word(dy.dtype, vec)
+    tiers = tuple((threads, words * per) for threads, words in BACKWARD_BLOCK_TIERS)
+    return plan_rows(cols, vec, BACKWARD_WARP_WORDS * per, tiers)
 
 
 def run_backward(plan: RowPlan, dy, y, dx, scale, log) -> None:
@@ -346,7 +371,10 @@ def run_backward(plan: RowPlan, dy, y, dx, scale, log) -> None:
     args = (flat(dy), flat(y), flat(dx), rows, cols, float32(scale))
     stream = current_stream(dy)
     if plan.mode == "regs":
-        kernel = _backward_regs(plan.group, plan.block, plan.vec, plan.packs, bool(log))
+        per = per_word(dy.dtype, plan.vec)
+        kernel = _backward_regs(
+            plan.group, plan.block, plan.vec, plan.packs, per, bool(log), min_blocks(plan)
+        )
         launch(kernel, -(-rows // plan.rows_per_block), plan.block, stream, *args)
     else:
         launch(_backward_loop(plan.block, plan.vec, bool(log)), rows, plan.block, stream, *args)
