@@ -6,6 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 # On the GPU machine: its own python3 already has CuPy, Numba and torch; install rawformer over it.
 GPU_PY ?= python3
+GPU_XDIST ?= -n 8   # the GPU tests compile ~500 kernel instantiations: spread them over CPU cores
 OUT    ?= bench/out
 
 .PHONY: demo test lint format gpu-check bench wheel-check clean
@@ -34,7 +35,7 @@ test: lint
 gpu-check:
 	$(GPU_PY) -m pip install -q --no-deps --no-build-isolation -e .
 	mkdir -p $(OUT)
-	set -o pipefail; $(GPU_PY) -m pytest -q -m gpu tests 2>&1 | tee $(OUT)/gpu-tests.log
+	set -o pipefail; $(GPU_PY) -m pytest -q -m gpu $(GPU_XDIST) tests 2>&1 | tee $(OUT)/gpu-tests.log
 	set -o pipefail; $(GPU_PY) bench/kernels.py --quick 2>&1 | tee $(OUT)/bench-quick.log
 
 bench:
