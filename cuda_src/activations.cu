@@ -65,7 +65,10 @@ struct K {
 // sigmoid(z) and 1 - sigmoid(z), from e = exp(-|z|): no overflow for any z, no cancellation in 1 - s.
 __device__ __forceinline__ void sigmoid_pair(float z, float& s, float& one_minus_s) {
   const float e = expf(-fabsf(z));
-  const float big = __frcp_rn(1.f + e);  // sigmoid(|z|), in [0.5, 1] (correctly rounded reciprocal)
+  // sigmoid(|z|), in [0.5, 1]. The fast reciprocal (MUFU, 2 ulp for a divisor in [1, 2]), not the
+  // correctly rounded __frcp_rn: on the H100 GELU tanh forward went from 2297 to 2648 GB/s (32768x1024
+  // fp16) and 2440 to 3011 (16384x8192 fp32), same error (bench/results/h100/gelu_reciprocal.log).
+  const float big = __fdividef(1.f, 1.f + e);
   const float small = e * big;        // 1 - sigmoid(|z|), in (0, 0.5]
   s = z >= 0.f ? big : small;
   one_minus_s = z >= 0.f ? small : big;
