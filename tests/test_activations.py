@@ -332,14 +332,6 @@ def test_strip_plan_covers_the_matrix(rows, cols, vw, wave):
     assert gx * chunks <= max(wave, gx)  # no partial extra wave
 
 
-def test_resident_blocks():
-    h100 = (132, 65536, 2048, 233472)
-    assert act._resident_blocks(32, 256, 0, h100) == 8
-    assert act._resident_blocks(80, 256, 8192, h100) == 3
-    assert act._resident_blocks(128, 256, 0, h100) == 2
-    assert act._resident_blocks(32, 256, 100_000, h100) == 2  # shared memory bound
-
-
 # ---- GPU: every kernel version against the float64 reference -------------------------------------------
 
 ROWS = (0, 1, 3, 1000)

@@ -342,19 +342,6 @@ def test_launch_constants_match_the_cuda_source():
     assert "blockIdx.x * 256 + threadIdx.x" in src and norms._V1_THREADS == 256  # norm_backward_dwdb_v1
 
 
-def test_blocks_per_sm_estimate():
-    h100 = norms._Device(sms=132, smem_per_block=232448, smem_per_sm=233472, regs_per_sm=65536)
-
-    class Kernel:
-        def __init__(self, regs):
-            self.num_regs = regs
-
-    assert norms._blocks_per_sm(Kernel(32), 256, 0, h100) == 8  # thread bound
-    assert norms._blocks_per_sm(Kernel(128), 256, 0, h100) == 2  # register bound
-    assert norms._blocks_per_sm(Kernel(64), 1024, 200_000, h100) == 1  # shared memory bound
-    assert norms._blocks_per_sm(object(), 128, 0, h100) >= 1  # no attribute: a safe guess
-
-
 # ---- GPU -------------------------------------------------------------------------------------------------
 
 GPU_COLS = [1, 19, 97, 111, 989, 1025, 4097, 32000, 131073]

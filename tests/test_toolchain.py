@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import rawformer  # noqa: F401  (registers the kernel families)
-from rawformer.kernels import modules, specialize
+from rawformer.kernels import modules, occupancy, specialize
 from rawformer.kernels.launch import i32, launch
 
 
@@ -55,3 +55,25 @@ def test_launch_refuses_untyped_scalars():
     with pytest.raises(OverflowError):
         i32(2**31)
     assert i32(-5) == np.int32(-5)
+
+
+H100 = occupancy.DeviceLimits(
+    sms=132,
+    compute_capability=90,
+    threads_per_sm=2048,
+    regs_per_sm=65536,
+    smem_per_sm=233472,
+    smem_per_block_optin=232448,
+)
+
+
+def test_resident_blocks():
+    def kernel(regs):
+        return SimpleNamespace(num_regs=regs)
+
+    assert occupancy.resident_blocks(kernel(32), 256, 0, H100) == 8  # thread bound
+    assert occupancy.resident_blocks(kernel(80), 256, 8192, H100) == 3
+    assert occupancy.resident_blocks(kernel(128), 256, 0, H100) == 2  # register bound
+    assert occupancy.resident_blocks(kernel(32), 256, 100_000, H100) == 2  # shared memory bound
+    assert occupancy.resident_blocks(kernel(64), 1024, 200_000, H100) == 1
+    assert occupancy.resident_blocks(object(), 128, 0, H100) >= 1  # no attribute: a safe guess

@@ -27,7 +27,6 @@ Kernel selection (see the header of activations.cu for the versions):
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any
 
@@ -37,6 +36,7 @@ from rawformer import backend
 from rawformer.arrays import adopt
 from rawformer.kernels import cuda_type, get_function, launch, register_family
 from rawformer.kernels.launch import i32
+from rawformer.kernels.occupancy import device_limits, resident_blocks
 from rawformer.kernels.specialize import cpp_bool, full_vector_width, vector_width
 from rawformer.ops import _checks
 from rawformer.ops._checks import adopt_optional, check_version, f64, finish
@@ -294,31 +294,6 @@ _REDUCE_BLOCK = (32, 8)  # column_reduce's block: (kReduceX, kReduceY) in activa
 _STRIP_WAVES = 2  # column-strip grids are sized to this many full waves of resident blocks
 
 
-@functools.cache
-def _device_limits(device_id: int) -> tuple[int, int, int, int]:
-    """(SMs, registers per SM, threads per SM, shared memory bytes per SM) of a device."""
-    cp = backend.require_cupy()
-    attrs = cp.cuda.Device(device_id).attributes
-    return (
-        int(attrs["MultiProcessorCount"]),
-        int(attrs["MaxRegistersPerMultiprocessor"]),
-        int(attrs["MaxThreadsPerMultiProcessor"]),
-        int(attrs["MaxSharedMemoryPerMultiprocessor"]),
-    )
-
-
-def _resident_blocks(num_regs: int, threads: int, shared_mem: int, limits: tuple[int, int, int, int]) -> int:
-    """How many blocks of a kernel fit on one SM at once (registers are allocated per warp in units of 256,
-    from four equal sub-partitions; each block also reserves 1 KB of shared memory)."""
-    _, regs_per_sm, threads_per_sm, smem_per_sm = limits
-    warps = -(-threads // 32)
-    regs_per_warp = -(-max(num_regs, 1) * 32 // 256) * 256
-    by_regs = 4 * ((regs_per_sm // 4) // regs_per_warp) // warps
-    by_threads = threads_per_sm // threads
-    by_smem = smem_per_sm // (shared_mem + 1024)
-    return max(1, min(by_regs, by_threads, by_smem, 32))
-
-
 def _strip_plan(rows: int, cols: int, vw: int, wave: int) -> tuple[tuple[int, int], tuple[int, int], int]:
     """Launch shape of a column-strip kernel: (grid, block, rows_per_chunk).
 
@@ -345,12 +320,8 @@ def _column_sums(
     cp = backend.require_cupy()
     kernel = get_function(_FAMILY, kernel_expr)
     shared_mem = _THREADS * vw * 4  # one fp32 partial sum per thread and vector lane
-    limits = _device_limits(cp.cuda.Device().id)
-    try:
-        num_regs = int(kernel.num_regs)
-    except Exception:  # an attribute this CuPy does not expose: assume a mid-size kernel
-        num_regs = 64
-    wave = limits[0] * _resident_blocks(num_regs, _THREADS, shared_mem, limits) * _STRIP_WAVES
+    limits = device_limits()
+    wave = limits.sms * resident_blocks(kernel, _THREADS, shared_mem, limits) * _STRIP_WAVES
     grid, block, rows_per_chunk = _strip_plan(rows, cols, vw, wave)
     partial = cp.empty((grid[1], cols), dtype=np.float32)
     launch(

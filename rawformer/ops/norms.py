@@ -40,7 +40,6 @@ below are for float16 vectors / float32 vectors / scalar accesses (`forward_max_
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, NamedTuple
 
@@ -50,6 +49,7 @@ from rawformer import backend
 from rawformer.arrays import adopt
 from rawformer.kernels import cuda_type, get_function, launch, register_family
 from rawformer.kernels.launch import i32
+from rawformer.kernels.occupancy import device_limits, resident_blocks
 from rawformer.kernels.specialize import cpp_bool, next_pow2, vector_width
 from rawformer.ops import _checks
 from rawformer.ops._checks import adopt_optional, check_version, f64, finish
@@ -329,39 +329,6 @@ def default_backward_version(cols: int, dtype: Any, vectorised: bool = True) -> 
     return 4
 
 
-class _Device(NamedTuple):
-    sms: int
-    smem_per_block: int  # opt-in limit of dynamic + static shared memory per block
-    smem_per_sm: int
-    regs_per_sm: int
-
-
-@functools.cache
-def _device(device_id: int) -> _Device:
-    cp = backend.require_cupy()
-    props = cp.cuda.runtime.getDeviceProperties(device_id)
-    return _Device(
-        sms=int(props["multiProcessorCount"]),
-        smem_per_block=int(props.get("sharedMemPerBlockOptin", 48 * 1024)),
-        smem_per_sm=int(props.get("sharedMemPerMultiprocessor", 100 * 1024)),
-        regs_per_sm=int(props.get("regsPerMultiprocessor", 65536)),
-    )
-
-
-def _blocks_per_sm(kernel: Any, threads: int, smem: int, dev: _Device) -> int:
-    """Resident blocks per SM for `kernel` (registers, threads and shared memory), at least 1."""
-    try:
-        regs = int(kernel.num_regs)
-    except Exception:  # an attribute query failing must not stop the launch: assume a heavy kernel
-        regs = 128
-    warps = -(-threads // 32)
-    regs_per_warp = -(-max(regs, 1) * 32 // 256) * 256  # allocated per warp in units of 256
-    by_regs = dev.regs_per_sm // (regs_per_warp * warps)
-    by_threads = 2048 // threads
-    by_smem = dev.smem_per_sm // (smem + 1024) if smem else 32
-    return max(1, min(by_regs, by_threads, by_smem, 32))
-
-
 # ---- argument checks -------------------------------------------------------------------------------------
 
 
@@ -458,7 +425,6 @@ def _launch_forward(
     eps: float,
 ) -> None:
     """Run the forward kernel over (rows, cols) CuPy arrays; optional ones may be None."""
-    cp = backend.require_cupy()
     rows, cols = x2.shape
     vw = vector_width(x2.dtype, (x2, r2, w, b, y2, h2), cols)
     version = version or default_forward_version(cols, x2.dtype, vw > 1)
@@ -479,9 +445,9 @@ def _launch_forward(
     ]
     smem = 0
     if version == 4:
-        dev = _device(cp.cuda.Device().id)
+        dev = device_limits()
         vec_bytes = vw * x2.dtype.itemsize
-        cached = min(cols // vw, (dev.smem_per_block - _STATIC_SMEM - _SMEM_SLACK) // vec_bytes)
+        cached = min(cols // vw, (dev.smem_per_block_optin - _STATIC_SMEM - _SMEM_SLACK) // vec_bytes)
         smem = cached * vec_bytes
         args.append(i32(cached))
     n_arrays = 2 + (2 if r2 is not None else 0)
@@ -626,7 +592,7 @@ def _launch_backward(
     version = version or default_backward_version(cols, x2.dtype, vw > 1)
     plan = _backward_plan(version, x2.dtype, vw, cols, rms)
     kernel = get_function(_FAMILY, plan.expr)
-    dev = _device(cp.cuda.Device().id)
+    dev = device_limits()
     need = dw is not None or db is not None
     row_bytes = 3 * x2.nbytes
     head = (dy2, x2, _arg(w), _arg(mean), rstd)
@@ -646,7 +612,7 @@ def _launch_backward(
     if version in (2, 3):
         smem = (1 if rms else 2) * cols * 4 if (version == 2 and need) else 0
         units = -(-rows // plan.per_block)  # blocks that would each get a row (v2: a row per tile)
-        parts = min(units, dev.sms * _blocks_per_sm(kernel, plan.block, smem, dev))
+        parts = min(units, dev.sms * resident_blocks(kernel, plan.block, smem, dev))
         dw_part, db_part = _partials(cp, parts, cols, dw, db)
         launch(
             kernel,
@@ -668,7 +634,7 @@ def _launch_backward(
         grid_x = -(-(cols // vw) // _COL_THREADS)
         # One wave: as many row slabs as fit beside grid_x column blocks on the SMs at once (a second,
         # partial wave would leave most SMs idle while it runs).
-        slots = dev.sms * _blocks_per_sm(kernel, _COL_THREADS, 0, dev)
+        slots = dev.sms * resident_blocks(kernel, _COL_THREADS, 0, dev)
         parts = max(1, min(rows, slots // grid_x, 65535))
         rows_per_part = -(-rows // parts)
         parts = -(-rows // rows_per_part)

@@ -41,7 +41,6 @@ These defaults follow the design argument in softmax.cu; re-check them against `
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any
 
@@ -51,6 +50,7 @@ from rawformer import backend
 from rawformer.arrays import adopt
 from rawformer.kernels import cuda_type, get_function, launch, register_family
 from rawformer.kernels.launch import i32
+from rawformer.kernels.occupancy import limits_of
 from rawformer.kernels.specialize import cpp_bool, full_vector_width, next_pow2, vector_width
 from rawformer.ops import _checks
 from rawformer.ops._checks import adopt_optional, check_version, f64, finish
@@ -306,11 +306,9 @@ def _instantiations() -> list[str]:
 register_family(_FAMILY, _instantiations)
 
 
-@functools.cache
 def _has_clusters(device_id: int) -> bool:
     """Thread-block clusters (v5) need compute capability 9.0 or newer."""
-    cp = backend.require_cupy()
-    return int(cp.cuda.Device(device_id).compute_capability) >= 90
+    return limits_of(device_id).compute_capability >= 90
 
 
 # ---- argument checks and plumbing -------------------------------------------------------------------------
