@@ -327,6 +327,23 @@ def measure_copy_ceiling(cp: Any, clock: CudaClock, nbytes: int = CEILING_BYTES,
     }
 
 
+def measure_matmul_ceiling(
+    cp: Any, clock: CudaClock, n: int = 8192, dtype: str = "float16", reps: int = 20
+) -> dict:
+    """cuBLAS (through cupy.matmul) TFLOP/s for an n x n x n product in `dtype`, measured now: the compute
+    roofline that compute-bound kernels (prefill attention) are compared with."""
+    rs = cp.random.RandomState(11)
+    a = rs.standard_normal((n, n), dtype=cp.float32).astype(dtype)
+    b = rs.standard_normal((n, n), dtype=cp.float32).astype(dtype)
+    c = cp.empty((n, n), dtype=dtype)
+    timing = time_calls([lambda: cp.matmul(a, b, out=c)], clock, reps)
+    return {
+        "matmul_tflops": tflops(2.0 * n**3, timing.median),
+        "matmul_shape": [n, n, n],
+        "matmul_dtype": dtype,
+    }
+
+
 # ---- numbers -----------------------------------------------------------------------------------------------
 
 
@@ -506,12 +523,14 @@ def _ok(rec: dict[str, Any] | None) -> bool:
     return rec is not None and rec.get("status") == "ok" and bool(rec.get("ms"))
 
 
-def _cell(rec: dict[str, Any] | None) -> str:
+def _cell(rec: dict[str, Any] | None, metric: str = "gbps") -> str:
     if rec is None:
         return "-"
     if not _ok(rec):
         err = f" (err {rec['max_error']:.1e})" if rec.get("max_error") is not None else ""
         return f"{rec['status']}{err}"
+    if metric == "tflops":
+        return f"{rec['tflops']:.0f} TFLOP/s ({rec['ms']:.3f} ms)"
     return f"{rec['gbps']:.0f} GB/s ({rec['ms']:.3f} ms)"
 
 
@@ -532,11 +551,15 @@ def markdown_report(
     main_label: str | None = None,
     verdicts: Sequence[Verdict] = (),
     configs: dict[str, str] | None = None,
+    metrics: dict[str, str] | None = None,
+    extra_header: Sequence[str] = (),
 ) -> str:
     """The results as markdown: run header, one table per (op, direction), then the acceptance verdicts.
 
     Columns: shape | each impl (GB/s and ms) | main/baseline speed-up for each of `ratios` | % of ceiling
-    (of `main`); `main_label` names `main` in the speed-up column headers."""
+    (of `main`); `main_label` names `main` in the speed-up column headers. `metrics` maps an op to
+    "tflops" for compute-bound ops: their cells show TFLOP/s, and their records' pct_ceiling (which the
+    caller sets) is against a compute ceiling. `extra_header` lines are added to the run header."""
     v = header.get("versions", {})
     short = main_label or main
     lines = [
@@ -563,17 +586,20 @@ def markdown_report(
         + main
         + " ms)",
     ]
+    lines += list(extra_header)
     if configs:
         lines += ["", "Shapes:", ""] + [f"- `{name}`: {text}" for name, text in configs.items()]
     for (op, direction), rows in _groups(records).items():
         lines += ["", f"## {op} {direction}", ""]
-        cols = ["shape", *impls, *(f"{short}/{b}" for b in ratios), "% ceiling"]
+        metric = (metrics or {}).get(op, "gbps")
+        ceiling_col = "% compute ceiling" if metric == "tflops" else "% ceiling"
+        cols = ["shape", *impls, *(f"{short}/{b}" for b in ratios), ceiling_col]
         lines.append("| " + " | ".join(cols) + " |")
         lines.append("|" + "|".join("---" if i == 0 else "---:" for i in range(len(cols))) + "|")
         for (config, _shape, _dtype), by_impl in rows.items():
             any_rec = next(iter(by_impl.values()))
             cells = [f"{shape_label(any_rec)} ({config})"]
-            cells += [_cell(by_impl.get(i)) for i in impls]
+            cells += [_cell(by_impl.get(i), metric) for i in impls]
             for b in ratios:
                 r = _ratio(by_impl.get(b), by_impl.get(main))
                 cells.append(f"{r:.2f}x" if r is not None else "-")
@@ -605,6 +631,7 @@ class Criterion:
     kind 'faster':   `baseline` ms / `impl` ms >= threshold on every shape measured
     kind 'ceiling':  geometric mean over shapes of `impl`'s % of ceiling >= threshold (a fraction)
     kind 'within':   `impl` ms / `baseline` ms <= threshold on every shape (impl at most that much slower)
+    kind 'ceiling_each': `impl`'s % of ceiling >= threshold (a fraction) on every shape
     """
 
     op: str
@@ -620,6 +647,8 @@ class Criterion:
             return f"{what} >= {self.threshold:g}x {self.baseline} on every shape"
         if self.kind == "ceiling":
             return f"{what} geomean >= {100 * self.threshold:g}% of the copy ceiling"
+        if self.kind == "ceiling_each":
+            return f"{what} >= {100 * self.threshold:g}% of the copy ceiling on every shape"
         if self.kind == "within":
             return f"{what} within {self.threshold:g}x of {self.baseline} on every shape"
         raise ValueError(f"unknown criterion kind {self.kind!r}")
@@ -651,7 +680,7 @@ def evaluate(criteria: Sequence[Criterion], records: list[dict[str, Any]]) -> li
         for (config, _s, _d), by_impl in rows.items():
             label = f"{shape_label(next(iter(by_impl.values())))} ({config})"
             mine = by_impl.get(c.impl)
-            if c.kind == "ceiling":
+            if c.kind in ("ceiling", "ceiling_each"):
                 if _ok(mine) and mine.get("pct_ceiling"):
                     values.append((label, mine["pct_ceiling"] / 100.0))
                 else:
@@ -664,7 +693,12 @@ def evaluate(criteria: Sequence[Criterion], records: list[dict[str, Any]]) -> li
                 missing.append(f"{label}: {who} {rec['status'] if rec else 'absent'}")
                 continue
             values.append((label, base["ms"] / mine["ms"] if c.kind == "faster" else mine["ms"] / base["ms"]))
-        if c.kind == "ceiling":
+        if c.kind == "ceiling_each":
+            worst = min(values, key=lambda t: t[1]) if values else None
+            ok = bool(values) and not missing and all(v >= c.threshold for _, v in values)
+            detail = f"worst {100 * worst[1]:.1f}% at {worst[0]}" if worst else "no measurements"
+            each = ", ".join(f"{lbl} {100 * v:.1f}%" for lbl, v in values)
+        elif c.kind == "ceiling":
             g = geomean(v for _, v in values)
             ok = bool(values) and not missing and g >= c.threshold
             detail = f"geomean {100 * g:.1f}%" if values else "no measurements"

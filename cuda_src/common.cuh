@@ -93,3 +93,63 @@ __device__ __forceinline__ A block_reduce(A v, Op op, A* scratch) {
 }
 
 }  // namespace rf
+
+// ==== paged_attention family: async copies and tensor-core fragments (sm_80+) ==========================
+// Generic wrappers over PTX, usable by any family: cp.async 16-byte copies global -> shared (with zero
+// fill when the predicate is false), ldmatrix (x4, plain and transposed) and mma.sync m16n8k16 with fp16
+// inputs and fp32 accumulators. Fragment layouts (PTX ISA, "Matrix fragments for mma.m16n8k16"), with
+// g = lane / 4 and c = lane % 4:
+//   A 16x16 row-major, 4 b32 regs of 2 halves: a0 (row g, cols 2c..2c+1), a1 (row g+8, cols 2c..),
+//     a2 (row g, cols 2c+8..), a3 (row g+8, cols 2c+8..)
+//   B 16x8 "col" (element (k, n) with k contiguous), 2 regs: b0 (k 2c..2c+1, col g), b1 (k 2c+8.., col g)
+//   C/D 16x8 fp32, 4 regs: c0 (row g, col 2c), c1 (row g, col 2c+1), c2 (row g+8, col 2c), c3 (g+8, 2c+1)
+//   ldmatrix x4: lanes 8i..8i+7 give the row addresses (16 bytes each) of matrix i; matrix i lands in
+//     register i, lane l holding row l/4, elements 2(l%4), 2(l%4)+1 (with .trans: the transposed matrix,
+//     i.e. rows 2(l%4), 2(l%4)+1 of column l/4).
+namespace rf {
+
+__device__ __forceinline__ unsigned smem_addr(const void* p) {
+  return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+
+// 16 bytes global -> shared, bypassing L1; when !pred the destination is zero-filled and nothing is read.
+__device__ __forceinline__ void cp_async_16(void* smem_dst, const void* gmem_src, bool pred) {
+  const int src_bytes = pred ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(smem_dst)), "l"(gmem_src),
+               "r"(src_bytes)
+               : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+// Wait until at most N committed groups of this thread are still in flight.
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+__device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], const void* smem_row) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(smem_row)));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(unsigned (&r)[4], const void* smem_row) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(smem_row)));
+}
+
+// d += a * b for one m16n8k16 tile: fp16 A (4 regs) and B (2 regs), fp32 accumulators (4 floats).
+__device__ __forceinline__ void mma_m16n8k16(float (&d)[4], const unsigned (&a)[4], unsigned b0,
+                                             unsigned b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Two floats rounded to fp16 and packed as one b32 register (lo in the low half: the lower column/k index).
+__device__ __forceinline__ unsigned pack_half2(float lo, float hi) {
+  const __half2 h = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<const unsigned*>(&h);
+}
+
+}  // namespace rf

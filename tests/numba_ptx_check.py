@@ -178,6 +178,32 @@ def _cases():
             (a32, a32, a32, a32, i64, i64),
             False,
         )
+    # paged decode attention: the production plans (one query row; GQA 8:1, head dims 64/80/128/256), and a
+    # narrower access for a head_dim whose rows are not 16-byte multiples
+    from rawformer.kernels.numba import paged_attention as pa
+
+    for dt in (t.float16, t.float32):
+        a, ai = dt[::1], t.int32[::1]
+        v16 = 16 // (dt.bitwidth // 8)
+        args = (a, a, a, ai, ai, a, i64, i64, i64, i64, f32)
+        for dim, group_rows, bs in ((128, 1, 16), (128, 8, 16), (64, 8, 8), (80, 4, 128), (256, 8, 16)):
+            plan = pa.make_plan(dim, v16, group_rows)
+            yield (
+                f"paged_attention d={dim} rows={group_rows} bs={bs} {plan}",
+                pa._decode_kernel(
+                    dim, bs, plan.vec, plan.lanes, plan.packs, plan.warps, plan.unroll, plan.rows
+                ),
+                args,
+                True,
+            )
+    plan = pa.make_plan(68, 4, 3)
+    yield (
+        "paged_attention d=68 vec=4",
+        pa._decode_kernel(68, 32, plan.vec, plan.lanes, plan.packs, plan.warps, plan.unroll, plan.rows),
+        (t.float16[::1], t.float16[::1], t.float16[::1], t.int32[::1], t.int32[::1], t.float16[::1])
+        + (i64, i64, i64, i64, f32),
+        False,
+    )
 
 
 def _ptxas(ptx: str) -> tuple[str, str]:

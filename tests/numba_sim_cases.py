@@ -32,6 +32,7 @@ numba_sim_shim.install()
 
 from rawformer.kernels.numba import activations as act  # noqa: E402
 from rawformer.kernels.numba import norms as nrm  # noqa: E402
+from rawformer.kernels.numba import paged_attention as pa  # noqa: E402
 from rawformer.kernels.numba import softmax as smx  # noqa: E402
 from rawformer.kernels.numba._numba import RowPlan  # noqa: E402
 
@@ -322,3 +323,79 @@ def test_activations_swiglu(rows, cols, dtype, vec):
     act.swiglu_backward(dy, g, up, dg, du, vec=vec)
     assert_close(dg, dy * up * s * (1 + g64 * (1 - s)), dtype, name="dgate")
     assert_close(du, dy * g64 * s, dtype, name="dup")
+
+
+# ---- paged decode attention ------------------------------------------------------------------------------
+def paged_attention64(q, k_cache, v_cache, block_tables, context_lens, scale):
+    """Loop form: each sequence's keys gathered through its block table, causal among the new tokens."""
+    seqs, q_len, q_heads, dim = q.shape
+    bs, kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = q_heads // kv_heads
+    out = np.zeros(q.shape)
+    for s in range(seqs):
+        ctx = int(context_lens[s])
+        for t in range(q_len):
+            pos = ctx - q_len + t
+            if pos < 0:
+                continue
+            blocks = block_tables[s, np.arange(pos + 1) // bs]
+            offs = np.arange(pos + 1) % bs
+            for h in range(q_heads):
+                k = k_cache[blocks, offs, h // group].astype(np.float64)
+                v = v_cache[blocks, offs, h // group].astype(np.float64)
+                z = scale * (k @ q[s, t, h].astype(np.float64))
+                p = np.exp(z - z.max())
+                out[s, t, h] = p @ v / p.sum()
+    return out
+
+
+def _paged_case(rng, dtype, seqs_ctx, q_len, q_heads, kv_heads, dim, bs):
+    """A shuffled pool of blocks (one more than needed, so some block stays unused), NaN in unused slots."""
+    need = [-(-c // bs) for c in seqs_ctx]
+    max_blocks = max(max(need), 1) + 1
+    num_blocks = sum(need) + 2
+    k = (rng.standard_normal((num_blocks, bs, kv_heads, dim)) * 2).astype(dtype)
+    v = rng.standard_normal((num_blocks, bs, kv_heads, dim)).astype(dtype)
+    ids = rng.permutation(num_blocks).astype(np.int32)
+    table = np.full((len(seqs_ctx), max_blocks), 10**6, np.int32)  # entries past the context are never read
+    used = 0
+    for s, n in enumerate(need):
+        table[s, :n] = ids[used : used + n]
+        used += n
+    for blk in ids[used:]:
+        k[blk], v[blk] = np.nan, np.nan
+    for s, c in enumerate(seqs_ctx):  # the slots past a context inside its last block are garbage too
+        if c % bs:
+            k[table[s, c // bs], c % bs :], v[table[s, c // bs], c % bs :] = np.nan, np.nan
+    q = rng.standard_normal((len(seqs_ctx), q_len, q_heads, dim)).astype(dtype)
+    return q, k, v, table, np.asarray(seqs_ctx, np.int32)
+
+
+@pytest.mark.parametrize(
+    "plan,dtype,ctx,q_len,q_heads,kv_heads,dim,bs",
+    [
+        # 2 lanes per token (16 tokens per warp), 2 warps x unroll 2: 64 tokens a step; all rows in one pass
+        (pa.DecodePlan(8, 2, 1, 2, 2, 4), F16, (0, 5, 19, 70), 2, 4, 2, 16, 8),
+        # 4 lanes x 3 scalar packs (the last lane idle past dim 11), rows of 2 of group 3: two passes
+        (pa.DecodePlan(1, 4, 3, 1, 1, 2), F32, (17, 1, 33), 1, 6, 2, 11, 16),
+        # a whole warp per token (float32 vectors of 4, 32 x 4 = 128 > 96 columns: a partial last vector
+        # lane set), 3 query tokens, MQA
+        (pa.DecodePlan(4, 32, 1, 2, 1, 4), F32, (3, 16, 9), 3, 2, 1, 96, 8),
+    ],
+)
+def test_paged_attention_layouts(plan, dtype, ctx, q_len, q_heads, kv_heads, dim, bs):
+    rng = np.random.default_rng(29)
+    q, k, v, table, lens = _paged_case(rng, dtype, ctx, q_len, q_heads, kv_heads, dim, bs)
+    out = _nan(q.shape, dtype)
+    pa.run_forward(plan, q, k, v, table, lens, out, 0.3)
+    assert_close(out, paged_attention64(q, k, v, table, lens, 0.3), dtype, name=f"{plan}")
+    assert (out[np.asarray(ctx) == 0] == 0).all()
+
+
+def test_paged_attention_default_plan():
+    rng = np.random.default_rng(31)
+    q, k, v, table, lens = _paged_case(rng, F16, (1, 16), 1, 2, 1, 8, 16)
+    assert pa.forward_plan(q, k, v, q) == pa.DecodePlan(8, 1, 1, 4, 2, 2)
+    out = _nan(q.shape, F16)
+    pa.paged_attention_forward(q, k, v, table, lens, out, 0.5)
+    assert_close(out, paged_attention64(q, k, v, table, lens, 0.5), F16)

@@ -1,0 +1,532 @@
+// attention.cu: fused prefill attention (FlashAttention-2 style online softmax), family "attention".
+//
+//   out[b, i, h, :] = sum_j softmax_j(scale * q[b,i,h,:] . k[b,j,g,:] + mask[b,h,i,j]) * v[b,j,g,:]
+//   lse[b, h, i]    = log sum_j exp(scale * q . k_j + mask_ij)          (natural log, visible keys only)
+//
+// with g = h / (q_heads / kv_heads) (GQA / MQA), keys j < len_k, and under causal masking only keys
+// j <= i + (len_k - len_q) (bottom-right alignment, as FlashAttention >= 2.1 and chunked prefill). A query
+// row that sees no key at all gets out = 0 and lse = -inf.
+//
+// Memory layout (strides in elements; the last dim, head_dim, is contiguous):
+//   padded batch  q [batch, seq_q, q_heads, D], k / v [batch, seq_k, kv_heads, D], out like q,
+//                 lse float32 [batch, q_heads, seq_q]
+//   varlen        q [total_q, q_heads, D], k / v [total_k, kv_heads, D]; sequence b owns tokens
+//                 cu_seqlens[b] .. cu_seqlens[b+1]-1 (int32, batch+1 entries; the batch strides are 0);
+//                 lse float32 [q_heads, total_q]
+//   Token t of sequence b, head h lives at b*sb + t*ss + h*sh.
+//   mask (optional, float32, additive, natural-log units): element (b, h, i, j) at
+//                 b*m_sb + h*m_sh + i*m_sq + j (broadcast dims have stride 0). Padded layout only.
+//
+// Grid: x = row tiles (reversed under causal so the tiles with the most keys start first), y = q heads
+// (pack = 1) or groups of `pack` q heads sharing one kv head (pack > 1), z = batch (or sequences). With
+// pack > 1 ("pack GQA") the M dimension of a tile is (query position, head in group): row r is query
+// i = r / pack of q head y*pack + r % pack, so each K/V tile in shared memory serves the whole group.
+//
+// Numerics: everything in base 2 with scale*log2(e) folded into one multiply (scale_log2), the mask
+// multiplied by log2(e); fp32 running max m and sum l per row. When the running max is still -inf (no
+// visible key yet) the kernels subtract 0 instead, so exp2(-inf) = 0 and nothing becomes NaN; a row that
+// ends with l = 0 writes zeros and lse = -inf. lse = (m + log2 l) * ln 2.
+//
+// Versions
+//   attention_v1<T, D>          general SIMT kernel, T = __half or float, any D (template: exact D, the
+//                               launcher zero-pads other head dims up to a listed D). 128 threads = 4 warps
+//                               x 4 query rows (BM = 16), key tiles of BN = 32 in shared memory as fp32
+//                               ([BN][D+1]: odd row stride, conflict-free column walks). Scores: lane j
+//                               owns key j of the tile, dot products against the warp's 4 Q rows (Q in
+//                               shared memory, broadcast reads); online softmax with warp reductions; P
+//                               goes through shared memory; P.V: lane owns columns d = lane + 32c.
+//   attention_v2<D, WARPS, BN, MASK>   float16 tensor-core kernel (sm_80+), D in {64, 96, 128}. Each warp
+//                               owns 16 query rows (BM = 16 * WARPS). Shared memory (dynamic, fp16):
+//                               Q [BM][D], K [2][BN][D], V [2][BN][D], rows of D/8 16-byte chunks stored
+//                               XOR-swizzled (chunk c of row r at c ^ (r & 7), or c ^ ((r >> 1) & 3) for
+//                               D = 96) so each 8-row ldmatrix phase hits 8 distinct bank groups. Copies
+//                               are cp.async.cg 16 B with zero fill (src-size 0) for rows past the sequence;
+//                               K/V tiles are double-buffered: tile j+1 is in flight while tile j computes.
+//                               Q fragments live in registers for the whole kernel; S = Q K^T with
+//                               mma.sync m16n8k16 (fp32 accumulate), online softmax on the accumulator
+//                               fragments (ex2.approx), P packed to half2 registers is reused directly as
+//                               the A operand of P V (the C layout of two m16n8 tiles is the A layout of
+//                               one m16k16 step), O in fp32 registers, scaled by 1/l at the end and stored
+//                               with 4-byte stores. Causal: key tiles entirely above the diagonal are
+//                               never loaded; the element mask runs only on tiles crossing the diagonal or
+//                               the end of the keys. MASK: additive float32 mask read per element.
+//                               Launcher versions: 2 = WARPS 4 (BM 64, two blocks per SM), 3 = WARPS 8
+//                               (BM 128, one block per SM: each K/V tile serves twice the rows); BN = 64.
+//                               Shared memory: 2 * D * (BM + 4 * BN) bytes (80 KB for D = 128, WARPS 4).
+//
+// Fragment layouts (PTX ISA, mma.m16n8k16 .f16, g = lane / 4, t = lane % 4), used throughout v2:
+//   A (16x16 row-major, 4 x .f16x2): a0 (g, 2t..2t+1), a1 (g+8, 2t..), a2 (g, 2t+8..), a3 (g+8, 2t+8..)
+//   B (16x8 "col", 2 x .f16x2):      b0 (k 2t..2t+1, n g), b1 (k 2t+8..2t+9, n g)
+//   C (16x8 fp32, 4 floats):         c0, c1 (g, 2t..2t+1), c2, c3 (g+8, 2t..2t+1)
+//   ldmatrix.x4: lanes 8i..8i+7 give the row addresses of 8x8 matrix i; register i of lane l holds row
+//   l/4, columns 2(l%4)..+1 of matrix i (with .trans: column l/4, rows 2(l%4)..+1).
+#include "common.cuh"
+
+namespace rf_attention {
+
+using u32 = unsigned int;  // 32-bit registers of the PTX operands (no <cstdint>: NVRTC builds this too)
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+// -inf without <cmath>'s INFINITY (not in NVRTC's headers).
+__device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
+
+struct Seq {
+  int q_start, k_start, len_q, len_k;
+};
+
+// Where sequence b lives: varlen offsets from cu_seqlens, or the padded lengths.
+__device__ __forceinline__ Seq sequence(const int* cu_q, const int* cu_k, int seqlen_q, int seqlen_k, int b) {
+  Seq s;
+  if (cu_q != nullptr) {
+    s.q_start = cu_q[b];
+    s.len_q = cu_q[b + 1] - s.q_start;
+    s.k_start = cu_k[b];
+    s.len_k = cu_k[b + 1] - s.k_start;
+  } else {
+    s.q_start = 0;
+    s.len_q = seqlen_q;
+    s.k_start = 0;
+    s.len_k = seqlen_k;
+  }
+  return s;
+}
+
+// ---- inline PTX (v2) -------------------------------------------------------------------------------------
+__device__ __forceinline__ u32 smem_addr(const void* p) {
+  return static_cast<u32>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte global->shared copy; `full` false copies nothing and zero-fills the 16 bytes (src-size 0).
+__device__ __forceinline__ void cp_async16(u32 dst, const void* src, bool full) {
+  const int src_size = full ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_size));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(u32 (&r)[4], u32 addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(u32 (&r)[4], u32 addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+// c += a * b for one m16n8k16 tile (fp16 inputs, fp32 accumulate).
+__device__ __forceinline__ void mma_16816(float (&c)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// 2^x, flushing denormals; 2^-inf = +0.
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// Two floats as one .f16x2 register: `lo` in the low half (the lower column index of a fragment pair).
+__device__ __forceinline__ u32 pack_half2(float lo, float hi) {
+  const __half2 h = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<const u32*>(&h);
+}
+
+}  // namespace rf_attention
+
+// The argument list shared by every prefill kernel (see the header for the meaning of each).
+#define RF_ATTENTION_ARGS(T)                                                                             \
+  const T *__restrict__ q, const T *__restrict__ k, const T *__restrict__ v, T *__restrict__ out,        \
+      float *__restrict__ lse, const float *__restrict__ mask, const int *__restrict__ cu_seqlens_q,      \
+      const int *__restrict__ cu_seqlens_k, int seqlen_q, int seqlen_k, int q_heads, int kv_heads,        \
+      int pack, long long q_sb, long long q_ss, long long q_sh, long long k_sb, long long k_ss,            \
+      long long k_sh, long long v_sb, long long v_ss, long long v_sh, long long o_sb, long long o_ss,     \
+      long long o_sh, long long lse_sb, long long lse_ss, long long lse_sh, long long m_sb, long long m_sh, \
+      long long m_sq, float scale_log2, int causal
+
+// ==== v1: general SIMT kernel ===============================================================================
+namespace rf_attention {
+constexpr int kV1Warps = 4;
+constexpr int kV1Rows = 4;  // query rows per warp
+constexpr int kV1BM = kV1Warps * kV1Rows;
+constexpr int kV1BN = 32;  // keys per tile: one per lane
+constexpr int kV1Threads = kV1Warps * rf::kWarp;
+
+// Dynamic shared memory of attention_v1<T, D> in bytes (the launcher computes the same number).
+__host__ __device__ constexpr int v1_smem_bytes(int d) {
+  return 4 * (kV1BM * d + 2 * kV1BN * (d + 1) + kV1Warps * kV1Rows * kV1BN);
+}
+}  // namespace rf_attention
+
+// Min 2 blocks per SM in the launch bounds: without a minimum ptxas picks a low register target on sm_90
+// and spills a few bytes for some D; with it every D fits in <= 168 registers, no spills.
+template <typename T, int D>
+__global__ void __launch_bounds__(rf_attention::kV1Threads, 2) attention_v1(RF_ATTENTION_ARGS(T)) {
+  using namespace rf_attention;
+  constexpr int BM = kV1BM, BN = kV1BN, KS = D + 1, C = (D + rf::kWarp - 1) / rf::kWarp;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  float* Qs = reinterpret_cast<float*>(smem_raw);  // [BM][D]
+  float* Ks = Qs + BM * D;                          // [BN][D+1]
+  float* Vs = Ks + BN * KS;                         // [BN][D+1]
+  float* Ps = Vs + BN * KS;                         // [warps][rows][BN]
+
+  const int b = blockIdx.z, hy = blockIdx.y, tid = threadIdx.x;
+  const Seq sq = sequence(cu_seqlens_q, cu_seqlens_k, seqlen_q, seqlen_k, b);
+  const int rows = sq.len_q * pack;  // M extent: (query, head in pack)
+  const int tile = causal ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
+  const int m0 = tile * BM;
+  if (m0 >= rows) return;
+  const int kvh = (hy * pack) / (q_heads / kv_heads);
+  const int off = sq.len_k - sq.len_q;  // causal: query i sees keys j <= i + off
+  const T* kb = k + b * k_sb + (long long)sq.k_start * k_ss + kvh * k_sh;
+  const T* vb = v + b * v_sb + (long long)sq.k_start * v_ss + kvh * v_sh;
+
+  // Q tile -> shared (fp32), zeros for rows past the sequence.
+  for (int idx = tid; idx < BM * D; idx += kV1Threads) {
+    const int r = idx / D, d = idx - r * D, row = m0 + r;
+    float x = 0.f;
+    if (row < rows) {
+      const int i = row / pack, qh = hy * pack + row % pack;
+      x = rf::to_acc(q[b * q_sb + (long long)(sq.q_start + i) * q_ss + qh * q_sh + d]);
+    }
+    Qs[idx] = x;
+  }
+
+  const int warp = tid / rf::kWarp, lane = tid % rf::kWarp;
+  int qi[kV1Rows];  // query position of each of the warp's rows; -1 past the sequence
+  const float* mrow[kV1Rows];
+  float m[kV1Rows], l[kV1Rows], o[kV1Rows][C];
+#pragma unroll
+  for (int r = 0; r < kV1Rows; ++r) {
+    const int row = m0 + warp * kV1Rows + r;
+    qi[r] = row < rows ? row / pack : -1;
+    const int qh = hy * pack + row % pack;
+    mrow[r] = mask == nullptr || row >= rows ? nullptr : mask + b * m_sb + qh * m_sh + (long long)qi[r] * m_sq;
+    m[r] = neg_inf();
+    l[r] = 0.f;
+#pragma unroll
+    for (int c = 0; c < C; ++c) o[r][c] = 0.f;
+  }
+
+  int n_end = sq.len_k;
+  if (causal) n_end = min(n_end, min(sq.len_q - 1, (m0 + BM - 1) / pack) + off + 1);
+  for (int n0 = 0; n0 < n_end; n0 += BN) {
+    __syncthreads();  // the previous tile is consumed (and, the first time, Qs is written)
+    for (int idx = tid; idx < BN * D; idx += kV1Threads) {
+      const int j = idx / D, d = idx - j * D;
+      const bool ok = n0 + j < sq.len_k;
+      const long long t = n0 + j;
+      Ks[j * KS + d] = ok ? rf::to_acc(kb[t * k_ss + d]) : 0.f;
+      Vs[j * KS + d] = ok ? rf::to_acc(vb[t * v_ss + d]) : 0.f;
+    }
+    __syncthreads();
+
+    // Scores of key n0 + lane against the warp's rows.
+    float s[kV1Rows];
+#pragma unroll
+    for (int r = 0; r < kV1Rows; ++r) s[r] = 0.f;
+    const float* krow = Ks + lane * KS;
+    const float* qrow = Qs + warp * kV1Rows * D;
+#pragma unroll 16
+    for (int d = 0; d < D; ++d) {
+      const float kd = krow[d];
+#pragma unroll
+      for (int r = 0; r < kV1Rows; ++r) s[r] = fmaf(qrow[r * D + d], kd, s[r]);
+    }
+    const int j = n0 + lane;
+    float* prow = Ps + warp * kV1Rows * BN;
+#pragma unroll
+    for (int r = 0; r < kV1Rows; ++r) {
+      const bool visible = qi[r] >= 0 && j < sq.len_k && (!causal || j <= qi[r] + off);
+      float x = neg_inf();
+      if (visible) {
+        x = s[r] * scale_log2;
+        if (mrow[r] != nullptr) x = fmaf(mrow[r][j], kLog2e, x);
+      }
+      const float m_new = fmaxf(m[r], rf::warp_reduce(x, rf::Max()));
+      const float m_use = m_new == neg_inf() ? 0.f : m_new;  // no visible key yet: keep everything 0
+      const float p = exp2f(x - m_use);
+      const float alpha = exp2f(m[r] - m_use);
+      l[r] = l[r] * alpha + rf::warp_reduce(p, rf::Sum());
+      m[r] = m_new;
+#pragma unroll
+      for (int c = 0; c < C; ++c) o[r][c] *= alpha;
+      prow[r * BN + lane] = p;
+    }
+    __syncwarp();
+    // O += P V: lane owns columns d = lane + 32c.
+#pragma unroll 4
+    for (int jj = 0; jj < BN; ++jj) {
+      float vv[C];
+#pragma unroll
+      for (int c = 0; c < C; ++c) {
+        const int d = c * rf::kWarp + lane;
+        vv[c] = d < D ? Vs[jj * KS + d] : 0.f;
+      }
+#pragma unroll
+      for (int r = 0; r < kV1Rows; ++r) {
+        const float p = prow[r * BN + jj];
+#pragma unroll
+        for (int c = 0; c < C; ++c) o[r][c] = fmaf(p, vv[c], o[r][c]);
+      }
+    }
+    __syncwarp();
+  }
+
+#pragma unroll
+  for (int r = 0; r < kV1Rows; ++r) {
+    if (qi[r] < 0) continue;
+    const int row = m0 + warp * kV1Rows + r, qh = hy * pack + row % pack;
+    const long long t = sq.q_start + qi[r];
+    const float inv = l[r] > 0.f ? __frcp_rn(l[r]) : 0.f;  // no division slow-path call
+    T* orow = out + b * o_sb + t * o_ss + qh * o_sh;
+#pragma unroll
+    for (int c = 0; c < C; ++c) {
+      const int d = c * rf::kWarp + lane;
+      if (d < D) orow[d] = rf::from_acc<T>(o[r][c] * inv);
+    }
+    if (lse != nullptr && lane == 0)
+      lse[b * lse_sb + t * lse_ss + qh * lse_sh] = l[r] > 0.f ? (m[r] + log2f(l[r])) * kLn2 : neg_inf();
+  }
+}
+
+// ==== v2: float16 tensor-core kernel ========================================================================
+namespace rf_attention {
+
+// Dynamic shared memory of attention_v2<D, WARPS, BN, *> in bytes: Q [BM][D] + K, V [2][BN][D], fp16.
+__host__ __device__ constexpr int v2_smem_bytes(int d, int warps, int bn) {
+  return 2 * d * (16 * warps + 4 * bn);
+}
+
+// Physical 16-byte chunk of logical chunk c in row r of a tile with CH chunks per row (see the header).
+template <int CH> __device__ __forceinline__ int swizzle(int r, int c) {
+  static_assert(CH % 8 == 0 || CH == 12, "swizzle: 8k or 12 chunks per row");
+  if constexpr (CH % 8 == 0) {
+    return c ^ (r & 7);
+  } else {
+    return c ^ ((r >> 1) & 3);
+  }
+}
+
+}  // namespace rf_attention
+
+// 4 warps: two blocks per SM (<= 255 registers each: 240 at D = 128, 2 x 80 KB shared memory at D = 128);
+// 8 warps (v3): one block of <= 255 registers.
+template <int D, int WARPS, int BN, bool MASK>
+__global__ void __launch_bounds__(WARPS * 32, WARPS <= 4 ? 2 : 1) attention_v2(RF_ATTENTION_ARGS(__half)) {
+  using namespace rf_attention;
+  static_assert(D % 16 == 0 && BN % 16 == 0, "attention_v2: D and BN multiples of 16");
+  constexpr int THREADS = WARPS * 32, BM = 16 * WARPS;
+  constexpr int CH = D / 8;         // 16-byte chunks per row
+  constexpr int ROW_BYTES = D * 2;  // one row of a tile in shared memory
+  constexpr int KT = D / 16;        // k-steps of Q K^T
+  constexpr int NT = BN / 8;        // n8 tiles of S (keys)
+  constexpr int DT = D / 8;         // n8 tiles of O (head dim)
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const u32 q_smem = smem_addr(smem_raw);
+  const u32 k_smem = q_smem + BM * ROW_BYTES;      // [2][BN][D]
+  const u32 v_smem = k_smem + 2 * BN * ROW_BYTES;  // [2][BN][D]
+
+  const int b = blockIdx.z, hy = blockIdx.y, tid = threadIdx.x;
+  const Seq sq = sequence(cu_seqlens_q, cu_seqlens_k, seqlen_q, seqlen_k, b);
+  const int rows = sq.len_q * pack;
+  const int tile = causal ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
+  const int m0 = tile * BM;
+  if (m0 >= rows) return;
+  const int kvh = (hy * pack) / (q_heads / kv_heads);
+  const int off = sq.len_k - sq.len_q;
+  const __half* kb = k + b * k_sb + (long long)sq.k_start * k_ss + kvh * k_sh;
+  const __half* vb = v + b * v_sb + (long long)sq.k_start * v_ss + kvh * v_sh;
+
+  // Keys this tile needs: all, or under causal up to the diagonal of its last valid row.
+  int n_end = sq.len_k;
+  if (causal) n_end = min(n_end, min(sq.len_q - 1, (m0 + BM - 1) / pack) + off + 1);
+  const int n_tiles = n_end > 0 ? (n_end + BN - 1) / BN : 0;
+  // Tiles from here on need the element mask (keys past len_k or past the first row's diagonal).
+  const int i_first = m0 / pack;
+  int mask_from = sq.len_k / BN;  // the first tile holding keys >= len_k (partial last tile)
+  if (causal) mask_from = min(mask_from, max(0, (i_first + off + 1) / BN));
+  // (a tile n0 needs the causal mask iff n0 + BN - 1 > i_first + off, i.e. tile index >= (i_first+off+1)/BN)
+
+  // ---- Q tile: cp.async with zero fill past the sequence (group 0) ----
+  for (int idx = tid; idx < BM * CH; idx += THREADS) {
+    const int r = idx / CH, c = idx - r * CH, row = m0 + r;
+    const bool ok = row < rows;
+    const __half* src = q;
+    if (ok) {
+      const int i = row / pack, qh = hy * pack + row % pack;
+      src = q + b * q_sb + (long long)(sq.q_start + i) * q_ss + qh * q_sh + c * 8;
+    }
+    cp_async16(q_smem + r * ROW_BYTES + swizzle<CH>(r, c) * 16, src, ok);
+  }
+  cp_async_commit();
+
+  // K/V tile `t` into buffer t % 2 (rows past len_k zero-filled: P is 0 there, V must not be NaN).
+  auto load_kv = [&](int t) {
+    const int n0 = t * BN;
+    const u32 ks = k_smem + (t & 1) * BN * ROW_BYTES, vs = v_smem + (t & 1) * BN * ROW_BYTES;
+    for (int idx = tid; idx < BN * CH; idx += THREADS) {
+      const int r = idx / CH, c = idx - r * CH;
+      const bool ok = n0 + r < sq.len_k;
+      const long long tok = ok ? n0 + r : 0;
+      const u32 dst = r * ROW_BYTES + swizzle<CH>(r, c) * 16;
+      cp_async16(ks + dst, kb + tok * k_ss + c * 8, ok);
+      cp_async16(vs + dst, vb + tok * v_ss + c * 8, ok);
+    }
+  };
+  if (n_tiles > 0) load_kv(0);
+  cp_async_commit();  // group 1 (possibly empty)
+
+  const int warp = tid / 32, lane = tid % 32;
+  const int g = lane >> 2, tq = lane & 3;  // fragment row group and thread-in-quad
+
+  // The lane's two rows: h = 0 -> warp row g, h = 1 -> warp row g + 8.
+  int qi[2];
+  const float* mrow[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int row = m0 + warp * 16 + g + 8 * h;
+    qi[h] = row / pack;  // >= len_q for rows past the sequence: never stored
+    mrow[h] = nullptr;
+    if (MASK && row < rows) {
+      const int qh = hy * pack + row % pack;
+      mrow[h] = mask + b * m_sb + qh * m_sh + (long long)qi[h] * m_sq;
+    }
+  }
+
+  cp_async_wait<1>();  // Q landed
+  __syncthreads();
+  // Q fragments (A operand), one per k-step: lanes 0-7 rows 0-7 / chunk 2ks, 8-15 rows 8-15 / 2ks,
+  // 16-23 rows 0-7 / 2ks+1, 24-31 rows 8-15 / 2ks+1  ->  a0 (g, k 2t), a1 (g+8, 2t), a2 (g, 2t+8), a3 (g+8, 2t+8).
+  u32 qf[KT][4];
+  {
+    const int r = warp * 16 + (lane & 7) + 8 * ((lane >> 3) & 1);
+#pragma unroll
+    for (int ks = 0; ks < KT; ++ks)
+      ldmatrix_x4(qf[ks], q_smem + r * ROW_BYTES + swizzle<CH>(r, 2 * ks + (lane >> 4)) * 16);
+  }
+
+  float o[DT][4];  // O accumulator: o[dt] = C fragment of head-dim columns 8dt..8dt+7
+#pragma unroll
+  for (int dt = 0; dt < DT; ++dt) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.f;
+  float m_run[2] = {neg_inf(), neg_inf()};  // running max (base-2 units) of rows g, g+8
+  float l_run[2] = {0.f, 0.f};              // this lane's partial running sums (its 2 columns per n8 tile)
+
+  for (int t = 0; t < n_tiles; ++t) {
+    if (t + 1 < n_tiles) {
+      load_kv(t + 1);  // into the buffer tile t-1 used; the barrier at the end of t-1 freed it
+      cp_async_commit();
+      cp_async_wait<1>();  // everything but the newest group: tile t is in
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    const u32 ks_base = k_smem + (t & 1) * BN * ROW_BYTES;
+    const u32 vs_base = v_smem + (t & 1) * BN * ROW_BYTES;
+    const int n0 = t * BN;
+
+    // ---- S = Q K^T: s[nt] = C fragment of keys n0 + 8nt .. +7 ----
+    float s[NT][4];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+#pragma unroll
+    for (int ks = 0; ks < KT; ++ks) {
+#pragma unroll
+      for (int np = 0; np < NT / 2; ++np) {
+        // lanes 0-7: keys 16np+0..7 / chunk 2ks (b0 of tile 2np); 8-15: same keys / 2ks+1 (b1 of 2np);
+        // 16-23: keys 16np+8..15 / 2ks (b0 of 2np+1); 24-31: keys +8..15 / 2ks+1 (b1 of 2np+1).
+        const int r = 16 * np + (lane & 7) + 8 * (lane >> 4);
+        u32 kf[4];
+        ldmatrix_x4(kf, ks_base + r * ROW_BYTES + swizzle<CH>(r, 2 * ks + ((lane >> 3) & 1)) * 16);
+        mma_16816(s[2 * np], qf[ks], kf[0], kf[1]);
+        mma_16816(s[2 * np + 1], qf[ks], kf[2], kf[3]);
+      }
+    }
+
+    // ---- scale (base 2), mask, running max ----
+    const bool edge = t >= mask_from;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int h = e >> 1, j = n0 + 8 * nt + 2 * tq + (e & 1);  // element e: row g + 8h, key j
+        float x = s[nt][e] * scale_log2;
+        if (MASK) x = j < sq.len_k ? fmaf(mrow[h] != nullptr ? mrow[h][j] : 0.f, kLog2e, x) : x;
+        if (edge && (j >= sq.len_k || (causal && j > qi[h] + off))) x = neg_inf();
+        s[nt][e] = x;
+      }
+    }
+    u32 pf[NT][2];  // P as half2: pf[nt][h] = (row g + 8h, keys n0 + 8nt + 2t, +1)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float mx = neg_inf();
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * h], s[nt][2 * h + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));  // the 4 lanes of a quad share the row
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float m_new = fmaxf(m_run[h], mx);
+      const float m_use = m_new == neg_inf() ? 0.f : m_new;
+      const float alpha = fast_exp2(m_run[h] - m_use);
+      m_run[h] = m_new;
+      float sum = 0.f;
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        const float p0 = fast_exp2(s[nt][2 * h] - m_use), p1 = fast_exp2(s[nt][2 * h + 1] - m_use);
+        sum += p0 + p1;
+        pf[nt][h] = pack_half2(p0, p1);
+      }
+      l_run[h] = l_run[h] * alpha + sum;
+#pragma unroll
+      for (int dt = 0; dt < DT; ++dt) {
+        o[dt][2 * h] *= alpha;
+        o[dt][2 * h + 1] *= alpha;
+      }
+    }
+
+    // ---- O += P V ----
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) {
+      // A of keys 16kk..16kk+15: a0 (g, 2t) = tile 2kk row g; a1 (g+8, 2t) = tile 2kk row g+8;
+      // a2 (g, 8+2t) = tile 2kk+1 row g; a3 (g+8, 8+2t) = tile 2kk+1 row g+8.
+      const u32 pa[4] = {pf[2 * kk][0], pf[2 * kk][1], pf[2 * kk + 1][0], pf[2 * kk + 1][1]};
+#pragma unroll
+      for (int dp = 0; dp < D / 16; ++dp) {
+        // .trans; lanes 0-7: keys 16kk+0..7 / chunk 2dp (b0 of d-tile 2dp); 8-15: keys +8..15 / 2dp (b1 of
+        // 2dp); 16-23: keys +0..7 / 2dp+1 (b0 of 2dp+1); 24-31: keys +8..15 / 2dp+1 (b1 of 2dp+1).
+        const int r = 16 * kk + (lane & 7) + 8 * ((lane >> 3) & 1);
+        u32 vf[4];
+        ldmatrix_x4_trans(vf, vs_base + r * ROW_BYTES + swizzle<CH>(r, 2 * dp + (lane >> 4)) * 16);
+        mma_16816(o[2 * dp], pa, vf[0], vf[1]);
+        mma_16816(o[2 * dp + 1], pa, vf[2], vf[3]);
+      }
+    }
+    __syncthreads();  // every warp is done with buffer t % 2 before iteration t+1 refills it
+  }
+
+  // ---- epilogue: 1/l, store rows that exist ----
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    float l = l_run[h];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    const int row = m0 + warp * 16 + g + 8 * h;
+    if (row >= rows) continue;
+    const int qh = hy * pack + row % pack;
+    const long long tok = sq.q_start + qi[h];
+    const float inv = l > 0.f ? __frcp_rn(l) : 0.f;  // no division slow-path call
+    __half* orow = out + b * o_sb + tok * o_ss + qh * o_sh + 2 * tq;
+#pragma unroll
+    for (int dt = 0; dt < DT; ++dt)
+      *reinterpret_cast<__half2*>(orow + 8 * dt) = __floats2half2_rn(o[dt][2 * h] * inv, o[dt][2 * h + 1] * inv);
+    if (lse != nullptr && tq == 0)
+      lse[b * lse_sb + tok * lse_ss + qh * lse_sh] = l > 0.f ? (m_run[h] + log2f(l)) * kLn2 : neg_inf();
+  }
+}

@@ -1,0 +1,639 @@
+// paged_attention.cu: decode attention over a paged KV cache (flash-decoding), family "paged_attention".
+//
+// Memory layout (strides in elements; the last dim is always contiguous):
+//   q             [num_seqs, q_len, q_heads, head_dim]          strides q_ss, q_st, q_sh
+//   k/v cache     [num_blocks, block_size, kv_heads, head_dim]  strides k_sb, k_st, k_sh (v_* alike)
+//                 token-major blocks: token p of sequence s lives in block block_tables[s][p / block_size]
+//                 at offset p % block_size (block_size a power of two, passed as log2_block)
+//   block_tables  int32 [num_seqs, table_stride]; context_lens int32 [num_seqs] (tokens already cached,
+//                 including the q_len new ones)
+//   out           C-contiguous [num_seqs, q_len, q_heads, head_dim]
+//   part_out      float32 [num_seqs, q_len, q_heads, num_splits, head_dim]   (split-KV only)
+//   part_lse      float32 [num_seqs, q_len, q_heads, num_splits]: base-2 log-sum-exp of the split's scaled
+//                 scores (-inf for a split that sees no key)
+//
+// Maths: query token t of sequence s sits at position ctx - q_len + t and sees cache positions 0..that
+// position (causal among the new tokens; nothing when ctx - q_len + t < 0). With x_j = scale * log2(e) *
+// q . k_j the kernels keep an online (max m, sum l) in fp32 and out = sum_j 2^(x_j - m) v_j / l; a row
+// that sees no key gives 0 (lse -inf). Split-KV: split i of a sequence covers positions
+// [i * split_tokens, (i + 1) * split_tokens); the combine kernel merges the splits with
+// out = sum_i 2^(lse_i - L) out_i / sum_i 2^(lse_i - L), L = max_i lse_i.
+//
+// GQA: q head h reads kv head h / group (group = q_heads / kv_heads). One CTA per (sequence, kv head, row
+// chunk, split) handles rows g = chunk * ROWS + r of the group, row g being query token g / group of q head
+// kv_head * group + g % group, so every K/V element is read once per CTA for all the group's query rows.
+// Tokens past the split's end (or the context) are never read: their shared-memory rows are zero-filled
+// and their scores are -inf, so garbage (even NaN) past context_len in the last block has no effect.
+//
+// Versions
+//   paged_attention_v1<T, HD, ROWS, TK>  SIMT, float and __half. HD: head_dim bucket (>= head_dim,
+//       multiple of 8 elements; chunks past head_dim are zero); ROWS: query rows per CTA (1..32); TK: tokens
+//       per tile (8 KB of K per tile). 128 threads. Per tile: K and V of TK tokens read with 16-byte loads
+//       (all issued before any is stored) into padded shared rows (16 bytes of padding: 8 consecutive rows
+//       hit distinct bank groups); scores thread-per-(row, key) against fp32 q rows in shared memory; the
+//       online softmax warp-per-row; P V thread-per-(row, 4 dims) with the accumulators in registers.
+//   paged_attention_v2<T, HD, STAGES>  tensor cores, __half only, HD in {64, 96, 128} (head_dim <= HD,
+//       multiple of 8). 16 query rows (padded) per CTA; 4 warps each own 16 of the 64 tokens of a tile.
+//       Tiles of K and V stream through a STAGES-deep cp.async pipeline into padded shared rows (ldmatrix
+//       conflict-free). Per warp and tile: S = Q K^T with mma.sync m16n8k16 (Q fragments kept in registers,
+//       K fragments by ldmatrix), online softmax on the accumulator fragments (quad shuffles), P re-packed
+//       to fp16 as the A operand of P V (V fragments by ldmatrix.trans), O in fp32 registers. At the end the
+//       4 warps' (m, l, O) merge through shared memory. Why tensor cores: with GQA 8:1 a SIMT kernel spends
+//       16 FMAs (8 rows x (QK + PV)) per K/V element loaded and becomes compute-bound near the bandwidth
+//       target; the mma does the whole 16-row tile at once.
+//   paged_attention_combine<T>          one CTA per (seq, token, q head) row: merges the splits' partials.
+//   paged_attention_check_tables<THREADS>  debug: first (seq, table slot) whose block id is out of range or
+//                                       owned by another sequence, or whose context_len is out of range.
+// Kernel arguments (v1 and v2 share them):
+//   (q, k_cache, v_cache, block_tables, context_lens, out, part_out, part_lse,
+//    q_len, q_heads, kv_heads, head_dim, log2_block, table_stride, split_tokens, num_splits,
+//    q_ss, q_st, q_sh, k_sb, k_st, k_sh, v_sb, v_st, v_sh, scale_log2)
+// part_out == nullptr: one split, out written directly. Grid: x = sequence, y = kv head * row chunks +
+// chunk, z = split. Dynamic shared memory (checked by the kernel against %dynamic_smem_size):
+//   v1  2 * TK * (HD + VW) * sizeof(T) + 4 * (ROWS * HD + ROWS * (TK + 1) + 4 * ROWS)   (<= 51 KB)
+//   v2  2 * (STAGES * 2 * 64 * (HD + 8) + 16 * (HD + 8)) + 640   (HD 128: 109,440 bytes, 2 CTAs per SM)
+// Registers (nvcc 13.0, sm_90, no spills on sm_80 / sm_90): v1 68-200, v2 113 / 145 / 222 (HD 64 / 96 /
+// 128; the launch bound keeps 2 CTAs per SM), combine 31, check 16.
+#include "common.cuh"
+
+namespace rf_paged {
+
+constexpr int kThreads = 128;  // every attention kernel of the family: 4 warps
+constexpr int kWarps = kThreads / rf::kWarp;
+
+__device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
+
+// Fails loudly when the launcher gave less dynamic shared memory than the kernel lays out.
+__device__ __forceinline__ void check_smem(unsigned needed) {
+  unsigned have;
+  asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(have));
+  if (have < needed) __trap();
+}
+
+// Where one CTA works: sequence, kv head, row chunk, split; its token range [start, end).
+struct Work {
+  int seq, kvh, chunk, split, group, rows_total, ctx, start, end;
+};
+
+__device__ __forceinline__ Work work_of(int q_len, int q_heads, int kv_heads, int rows_per_cta,
+                                        const int* context_lens, int split_tokens) {
+  Work w;
+  w.seq = blockIdx.x;
+  w.group = q_heads / kv_heads;
+  w.rows_total = w.group * q_len;
+  const int chunks = rf::ceil_div(w.rows_total, rows_per_cta);
+  w.kvh = blockIdx.y / chunks;
+  w.chunk = blockIdx.y % chunks;
+  w.split = blockIdx.z;
+  w.ctx = context_lens[w.seq];
+  w.start = w.split * split_tokens;
+  w.end = min(w.ctx, w.start + split_tokens);
+  return w;
+}
+
+// Last cache position row g of the CTA may see (positions below `start` belong to other splits), or -1.
+__device__ __forceinline__ int row_limit(const Work& w, int g, int q_len) {
+  if (g >= w.rows_total) return -1;
+  const int t = g / w.group;
+  return min(w.end - 1, w.ctx - q_len + t);
+}
+
+// Offset of (row g)'s output: into out [seq, t, h, :] or part_out [seq, t, h, split, :].
+__device__ __forceinline__ long long out_row(const Work& w, int g, int q_len, int q_heads, int num_splits) {
+  const int t = g / w.group, h = w.kvh * w.group + g % w.group;
+  return ((static_cast<long long>(w.seq) * q_len + t) * q_heads + h) * num_splits + w.split;
+}
+
+}  // namespace rf_paged
+
+#define RF_PAGED_ARGS                                                                                     \
+  const T *__restrict__ q, const T *__restrict__ k_cache, const T *__restrict__ v_cache,                 \
+      const int *__restrict__ block_tables, const int *__restrict__ context_lens, T *__restrict__ out,   \
+      float *__restrict__ part_out, float *__restrict__ part_lse, int q_len, int q_heads, int kv_heads,  \
+      int head_dim, int log2_block, int table_stride, int split_tokens, int num_splits, long long q_ss,  \
+      long long q_st, long long q_sh, long long k_sb, long long k_st, long long k_sh, long long v_sb,    \
+      long long v_st, long long v_sh, float scale_log2
+
+// ---- v1: SIMT ---------------------------------------------------------------------------------------------
+
+// The launch bound's 1-block minimum lets ptxas use the 68-200 registers v1 needs: without it, ptxas
+// caps some instantiations at 64-80 and spills (seen with nvcc 13.0, sm_90).
+template <typename T, int HD, int ROWS, int TK>
+__global__ void __launch_bounds__(rf_paged::kThreads, 1) paged_attention_v1(RF_PAGED_ARGS) {
+  using namespace rf_paged;
+  constexpr int VW = 16 / sizeof(T);  // elements per 16-byte vector
+  constexpr int CH = HD / VW;         // vectors per (padded) head row
+  constexpr int KS = HD + VW;         // shared row stride in elements: one vector of padding
+  constexpr int PS = TK + 1;          // score row stride
+  constexpr int LOADS = rf::ceil_div(TK * CH, kThreads);  // vectors of K (and of V) per thread per tile
+  constexpr int D4 = HD / 4;                              // (row, 4 dims) accumulator groups per row
+  constexpr int PAIRS = rf::ceil_div(ROWS * D4, kThreads);
+  constexpr int ROWS_PER_WARP = rf::ceil_div(ROWS, kWarps);
+  constexpr int TKW = rf::ceil_div(TK, rf::kWarp);  // scores per lane per row in the softmax step
+  static_assert(HD % 8 == 0 && HD <= 256, "HD: a multiple of 8 up to 256");
+  static_assert(TK % 8 == 0, "TK: a multiple of 8");
+  constexpr unsigned kSmem =
+      2u * TK * KS * sizeof(T) + (ROWS * HD + ROWS * PS + 3 * ROWS) * sizeof(float) + ROWS * sizeof(int);
+
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* k_s = reinterpret_cast<T*>(smem);              // [TK][KS]
+  T* v_s = k_s + TK * KS;                           // [TK][KS]
+  float* q_s = reinterpret_cast<float*>(v_s + TK * KS);  // [ROWS][HD], scaled by scale * log2(e)
+  float* p_s = q_s + ROWS * HD;                     // [ROWS][PS] scores, then probabilities
+  float* alpha_s = p_s + ROWS * PS;                 // [ROWS] rescale factor of the current tile
+  float* m_s = alpha_s + ROWS;                      // [ROWS] final max
+  float* l_s = m_s + ROWS;                          // [ROWS] final sum
+  int* lim_s = reinterpret_cast<int*>(l_s + ROWS);  // [ROWS] last visible position
+
+  const int tid = threadIdx.x, warp = tid / rf::kWarp, lane = tid % rf::kWarp;
+  if (tid == 0) check_smem(kSmem);
+  const Work w = work_of(q_len, q_heads, kv_heads, ROWS, context_lens, split_tokens);
+
+  for (int i = tid; i < ROWS * HD; i += kThreads) {
+    const int r = i / HD, d = i % HD, g = w.chunk * ROWS + r;
+    float v = 0.f;
+    if (g < w.rows_total && d < head_dim) {
+      const int t = g / w.group, h = w.kvh * w.group + g % w.group;
+      v = rf::to_acc(q[w.seq * q_ss + t * q_st + h * q_sh + d]) * scale_log2;
+    }
+    q_s[i] = v;
+  }
+  for (int r = tid; r < ROWS; r += kThreads) lim_s[r] = row_limit(w, w.chunk * ROWS + r, q_len);
+
+  float m[ROWS_PER_WARP], l[ROWS_PER_WARP];  // softmax state of rows warp + kWarps * i (same in every lane)
+#pragma unroll
+  for (int i = 0; i < ROWS_PER_WARP; ++i) m[i] = neg_inf(), l[i] = 0.f;
+  float acc[PAIRS][4];  // O[r][4 * d4 .. 4 * d4 + 3] for pair = tid + kThreads * i, r = pair / D4
+#pragma unroll
+  for (int i = 0; i < PAIRS; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[i][e] = 0.f;
+
+  const T* k_head = k_cache + w.kvh * k_sh;
+  const T* v_head = v_cache + w.kvh * v_sh;
+  const int* table = block_tables + static_cast<long long>(w.seq) * table_stride;
+  const int block_mask = (1 << log2_block) - 1;
+
+  for (int t0 = w.start; t0 < w.end; t0 += TK) {
+    __syncthreads();  // the previous tile's K, V and scores are consumed (and q_s, lim_s written)
+    // Issue every load of the tile, then store: LOADS x 2 independent 16-byte loads in flight per thread.
+    uint4 kr[LOADS], vr[LOADS];  // raw 16-byte vectors
+#pragma unroll
+    for (int i = 0; i < LOADS; ++i) {
+      const int idx = tid + i * kThreads, j = idx / CH, c = idx % CH, pos = t0 + j;
+      kr[i] = vr[i] = make_uint4(0u, 0u, 0u, 0u);
+      if (idx < TK * CH && pos < w.end && c * VW < head_dim) {
+        const long long blk = table[pos >> log2_block];
+        const int off = pos & block_mask;
+        kr[i] = *reinterpret_cast<const uint4*>(k_head + blk * k_sb + off * k_st + c * VW);
+        vr[i] = *reinterpret_cast<const uint4*>(v_head + blk * v_sb + off * v_st + c * VW);
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < LOADS; ++i) {
+      const int idx = tid + i * kThreads, j = idx / CH, c = idx % CH;
+      if (idx < TK * CH) {
+        *reinterpret_cast<uint4*>(k_s + j * KS + c * VW) = kr[i];
+        *reinterpret_cast<uint4*>(v_s + j * KS + c * VW) = vr[i];
+      }
+    }
+    __syncthreads();
+
+    // Scores x[r][j] = q_s[r] . k[j] (already in log2 units), -inf where row r may not see position t0 + j.
+    for (int idx = tid; idx < ROWS * TK; idx += kThreads) {
+      const int r = idx / TK, j = idx % TK;
+      float s = neg_inf();
+      if (t0 + j <= lim_s[r]) {
+        s = 0.f;
+        const float* qr = q_s + r * HD;
+        const T* kj = k_s + j * KS;
+#pragma unroll 4
+        for (int c = 0; c < CH; ++c) {
+          const rf::Vec<T, VW> kv = rf::load_vec<T, VW>(kj + c * VW);
+#pragma unroll
+          for (int e = 0; e < VW; ++e) s = fmaf(qr[c * VW + e], rf::to_acc(kv.v[e]), s);
+        }
+      }
+      p_s[r * PS + j] = s;
+    }
+    __syncthreads();
+
+    // Online softmax, a warp per row: m_new = max(m, max_j x_j); p_j = 2^(x_j - m_new); l = l*alpha + sum p.
+#pragma unroll
+    for (int i = 0; i < ROWS_PER_WARP; ++i) {
+      const int r = warp + kWarps * i;
+      if (r < ROWS) {
+        float x[TKW];
+        float tile_max = neg_inf();
+#pragma unroll
+        for (int k = 0; k < TKW; ++k) {
+          const int j = lane + k * rf::kWarp;
+          x[k] = j < TK ? p_s[r * PS + j] : neg_inf();
+          tile_max = fmaxf(tile_max, x[k]);
+        }
+        tile_max = rf::warp_reduce(tile_max, rf::Max());
+        const float m_new = fmaxf(m[i], tile_max);
+        const float base = m_new == neg_inf() ? 0.f : m_new;  // a row that saw nothing yet stays at 0
+        const float alpha = exp2f(m[i] - base);
+        float sum = 0.f;
+#pragma unroll
+        for (int k = 0; k < TKW; ++k) {
+          const int j = lane + k * rf::kWarp;
+          const float p = exp2f(x[k] - base);
+          sum += p;
+          if (j < TK) p_s[r * PS + j] = p;
+        }
+        sum = rf::warp_reduce(sum, rf::Sum());
+        l[i] = l[i] * alpha + sum;
+        m[i] = m_new;
+        if (lane == 0) alpha_s[r] = alpha;
+      }
+    }
+    __syncthreads();
+
+    // O[r] = alpha[r] * O[r] + sum_j p[r][j] v[j]; zero-filled V rows past the end have p = 0.
+    const int valid = min(TK, w.end - t0);
+#pragma unroll
+    for (int i = 0; i < PAIRS; ++i) {
+      const int pair = tid + i * kThreads;
+      if (pair < ROWS * D4) {
+        const int r = pair / D4, d = (pair % D4) * 4;
+        const float alpha = alpha_s[r];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[i][e] *= alpha;
+        const float* pr = p_s + r * PS;
+        for (int j = 0; j < valid; ++j) {
+          const float p = pr[j];
+          const rf::Vec<T, 4> vv = *reinterpret_cast<const rf::Vec<T, 4>*>(v_s + j * KS + d);
+#pragma unroll
+          for (int e = 0; e < 4; ++e) acc[i][e] = fmaf(p, rf::to_acc(vv.v[e]), acc[i][e]);
+        }
+      }
+    }
+  }
+
+  // Final (m, l) per row to shared memory (rows of warps that never looped keep -inf / 0).
+#pragma unroll
+  for (int i = 0; i < ROWS_PER_WARP; ++i) {
+    const int r = warp + kWarps * i;
+    if (r < ROWS && lane == 0) m_s[r] = m[i], l_s[r] = l[i];
+  }
+  __syncthreads();
+
+  const bool split = part_out != nullptr;
+#pragma unroll
+  for (int i = 0; i < PAIRS; ++i) {
+    const int pair = tid + i * kThreads;
+    if (pair < ROWS * D4) {
+      const int r = pair / D4, d = (pair % D4) * 4, g = w.chunk * ROWS + r;
+      if (g < w.rows_total && d < head_dim) {
+        const float lr = l_s[r];
+        const float inv = lr > 0.f ? 1.f / lr : 0.f;
+        const long long row = out_row(w, g, q_len, q_heads, split ? num_splits : 1);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          if (split) {
+            part_out[row * head_dim + d + e] = acc[i][e] * inv;
+          } else {
+            out[row * head_dim + d + e] = rf::from_acc<T>(acc[i][e] * inv);
+          }
+        }
+        if (split && d == 0) part_lse[row] = lr > 0.f ? m_s[r] + log2f(lr) : neg_inf();
+      }
+    }
+  }
+}
+
+// ---- v2: tensor cores (mma.sync m16n8k16, fp16 in, fp32 accumulate) ------------------------------------
+
+namespace rf_paged {
+constexpr int kMmaRows = 16;  // v2: query rows per CTA (one m16 tile)
+constexpr int kTile = 64;     // v2: tokens per pipeline stage; warp w owns tokens 16w .. 16w + 15
+}  // namespace rf_paged
+
+template <typename T> struct IsHalf { static constexpr bool value = false; };
+template <> struct IsHalf<__half> { static constexpr bool value = true; };
+
+// T is always __half; it is a template parameter so that v1 and v2 share one argument list.
+template <typename T, int HD, int STAGES>
+__global__ void __launch_bounds__(rf_paged::kThreads, 2) paged_attention_v2(RF_PAGED_ARGS) {
+  static_assert(IsHalf<T>::value, "v2 runs on fp16 tensor cores");
+  using namespace rf_paged;
+  constexpr int R = kMmaRows, TK = kTile;
+  constexpr int CH = HD / 8;     // 16-byte vectors per head row
+  constexpr int KS = HD + 8;     // shared row stride in halves (16 bytes of padding)
+  constexpr int KSTEPS = HD / 16;  // k-steps of S = Q K^T (16 head dims each)
+  constexpr int NT = HD / 8;       // n-tiles of O (8 head dims each)
+  constexpr int OS = HD + 4;       // float row stride of the merge buffer
+  constexpr int STAGE = 2 * TK * KS;  // halves per stage: K tile then V tile
+  constexpr int LOADS = rf::ceil_div(TK * CH, kThreads);
+  static_assert(HD % 16 == 0 && HD <= 128, "v2: HD a multiple of 16 up to 128");
+  static_assert(TK == kWarps * 16, "v2: each warp owns 16 tokens of a tile");
+  static_assert(kWarps * R * OS * 4 <= STAGES * STAGE * 2, "merge buffer must fit the stage buffers");
+  constexpr unsigned kSmem = (STAGES * STAGE + R * KS) * 2u + (2 * kWarps * R + 2 * R) * 4u;
+
+  extern __shared__ __align__(16) unsigned char smem[];
+  __half* kv_s = reinterpret_cast<__half*>(smem);  // [STAGES][K tile [TK][KS], V tile [TK][KS]]
+  __half* q_s = kv_s + STAGES * STAGE;             // [R][KS]
+  float* wm_s = reinterpret_cast<float*>(q_s + R * KS);  // [kWarps][R] each warp's final max
+  float* wl_s = wm_s + kWarps * R;                      // [kWarps][R] each warp's final sum
+  float* M_s = wl_s + kWarps * R;                       // [R] merged max (base)
+  float* L_s = M_s + R;                                 // [R] merged sum
+  float* o_s = reinterpret_cast<float*>(smem);          // [kWarps][R][OS], after the pipeline drained
+
+  const int tid = threadIdx.x, warp = tid / rf::kWarp, lane = tid % rf::kWarp;
+  const int gq = lane / 4, cq = lane % 4;  // fragment row group and column pair (see common.cuh)
+  if (tid == 0) check_smem(kSmem);
+  const Work w = work_of(q_len, q_heads, kv_heads, R, context_lens, split_tokens);
+
+  const __half* k_head = k_cache + w.kvh * k_sh;
+  const __half* v_head = v_cache + w.kvh * v_sh;
+  const int* table = block_tables + static_cast<long long>(w.seq) * table_stride;
+  const int block_mask = (1 << log2_block) - 1;
+  const int n_tiles = w.end > w.start ? rf::ceil_div(w.end - w.start, TK) : 0;
+
+  // Copies tile `tile` (positions start + tile*TK ...) into stage `stage`; rows past the end, and head
+  // dims past head_dim, are zero-filled without reading.
+  auto load_tile = [&](int tile, int stage) {
+    __half* ks = kv_s + stage * STAGE;
+    __half* vs = ks + TK * KS;
+    const int t0 = w.start + tile * TK;
+#pragma unroll
+    for (int i = 0; i < LOADS; ++i) {
+      const int idx = tid + i * kThreads;
+      if (idx < TK * CH) {
+        const int j = idx / CH, c = idx % CH, pos = t0 + j;
+        const bool ok = pos < w.end && c * 8 < head_dim;
+        const __half* ksrc = k_cache;  // any valid address when nothing is read
+        const __half* vsrc = v_cache;
+        if (ok) {
+          const long long blk = table[pos >> log2_block];
+          const int off = pos & block_mask;
+          ksrc = k_head + blk * k_sb + off * k_st + c * 8;
+          vsrc = v_head + blk * v_sb + off * v_st + c * 8;
+        }
+        rf::cp_async_16(ks + j * KS + c * 8, ksrc, ok);
+        rf::cp_async_16(vs + j * KS + c * 8, vsrc, ok);
+      }
+    }
+  };
+
+  // Start the pipeline first (the loads do not depend on q), then stage Q while they fly.
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (s < n_tiles) load_tile(s, s);
+    rf::cp_async_commit();  // always commit: the group count stays uniform for wait_group
+  }
+  for (int i = tid; i < R * HD; i += kThreads) {
+    const int r = i / HD, d = i % HD, g = w.chunk * R + r;
+    __half v = __float2half_rn(0.f);
+    if (g < w.rows_total && d < head_dim) {
+      const int t = g / w.group, h = w.kvh * w.group + g % w.group;
+      v = q[w.seq * q_ss + t * q_st + h * q_sh + d];
+    }
+    q_s[r * KS + d] = v;
+  }
+  __syncthreads();
+
+  // Q as the A operand, kept in registers: k-step ks covers head dims 16ks .. 16ks + 15. ldmatrix x4 lane
+  // l addresses row (l % 8) + 8 * ((l / 8) % 2), column 16ks + 8 * (l / 16): matrix 0 = rows 0-7 / cols
+  // 0-7 -> a0, matrix 1 = rows 8-15 / cols 0-7 -> a1, matrix 2 = rows 0-7 / cols 8-15 -> a2, matrix 3 =
+  // rows 8-15 / cols 8-15 -> a3 (the A layout of common.cuh).
+  unsigned qf[KSTEPS][4];
+  {
+    const int r = (lane % 8) + 8 * ((lane / 8) % 2), col = 8 * (lane / 16);
+#pragma unroll
+    for (int ks = 0; ks < KSTEPS; ++ks) rf::ldmatrix_x4(qf[ks], q_s + r * KS + ks * 16 + col);
+  }
+
+  // This lane's accumulator rows are gq and gq + 8 of the tile; their last visible positions:
+  const int lim_lo = row_limit(w, w.chunk * R + gq, q_len);
+  const int lim_hi = row_limit(w, w.chunk * R + gq + 8, q_len);
+
+  float m_lo = neg_inf(), m_hi = neg_inf();  // running max (quad-uniform), log2 units
+  float l_lo = 0.f, l_hi = 0.f;              // running sum of this lane's columns (quad-reduced at the end)
+  float o[NT][4];                            // O fragments: n-tile nt = head dims 8nt .. 8nt + 7
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) o[nt][0] = o[nt][1] = o[nt][2] = o[nt][3] = 0.f;
+
+  const int kb = warp * 16;  // this warp's first token within a tile
+  for (int tile = 0; tile < n_tiles; ++tile) {
+    rf::cp_async_wait<STAGES - 2>();  // this thread's copies of tile `tile` have landed ...
+    __syncthreads();                   // ... and everyone's; everyone is also done with tile - 1's stage
+    {
+      const int next = tile + STAGES - 1;
+      if (next < n_tiles) load_tile(next, next % STAGES);
+      rf::cp_async_commit();
+    }
+    const __half* ks = kv_s + (tile % STAGES) * STAGE;
+    const __half* vs = ks + TK * KS;
+    const int t0 = w.start + tile * TK;
+
+    // S = Q K^T for this warp's 16 tokens: two n-tiles of 8 tokens. B element (k = head dim, n = token)
+    // is K[token][dim], i.e. K rows are B's columns, contiguous in k: plain ldmatrix. Lane l addresses
+    // token kb + (l % 8) + 8 * (l / 16), dims 16ks + 8 * ((l / 8) % 2): matrix 0 = tokens 0-7 / dims 0-7
+    // -> b0 of n-tile 0, matrix 1 = tokens 0-7 / dims 8-15 -> b1 of n-tile 0, matrices 2, 3 the same
+    // for tokens 8-15 (n-tile 1).
+    float s[2][4];
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+    {
+      const int tok = kb + (lane % 8) + 8 * (lane / 16), col = 8 * ((lane / 8) % 2);
+#pragma unroll
+      for (int kstep = 0; kstep < KSTEPS; ++kstep) {
+        unsigned b[4];
+        rf::ldmatrix_x4(b, ks + tok * KS + kstep * 16 + col);
+        rf::mma_m16n8k16(s[0], qf[kstep], b[0], b[1]);
+        rf::mma_m16n8k16(s[1], qf[kstep], b[2], b[3]);
+      }
+    }
+
+    // s[nt][0], s[nt][1]: row gq, tokens t0 + kb + 8nt + 2cq + {0, 1}; s[nt][2], s[nt][3]: row gq + 8.
+    float mx_lo = neg_inf(), mx_hi = neg_inf();
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int pos = t0 + kb + 8 * nt + 2 * cq + e;
+        s[nt][e] = pos <= lim_lo ? s[nt][e] * scale_log2 : neg_inf();
+        s[nt][2 + e] = pos <= lim_hi ? s[nt][2 + e] * scale_log2 : neg_inf();
+        mx_lo = fmaxf(mx_lo, s[nt][e]);
+        mx_hi = fmaxf(mx_hi, s[nt][2 + e]);
+      }
+    }
+    // A row's 16 values sit in the 4 lanes of a quad (same gq): reduce over lane bits 0 and 1.
+#pragma unroll
+    for (int off = 1; off <= 2; off <<= 1) {
+      mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, off));
+      mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, off));
+    }
+    const float mnew_lo = fmaxf(m_lo, mx_lo), mnew_hi = fmaxf(m_hi, mx_hi);
+    const float base_lo = mnew_lo == neg_inf() ? 0.f : mnew_lo;
+    const float base_hi = mnew_hi == neg_inf() ? 0.f : mnew_hi;
+    const float alpha_lo = exp2f(m_lo - base_lo), alpha_hi = exp2f(m_hi - base_hi);
+    m_lo = mnew_lo;
+    m_hi = mnew_hi;
+
+    // P = 2^(x - m) rounded to fp16 (the sum l uses the rounded values, so the weights in O and l agree).
+    // P as the A operand of P V (16 rows x 16 tokens): a0 = P[gq][2cq..] = s[0][0..1], a1 = P[gq+8][2cq..]
+    // = s[0][2..3], a2 = P[gq][8+2cq..] = s[1][0..1], a3 = P[gq+8][8+2cq..] = s[1][2..3].
+    unsigned pa[4];
+    float sum_lo = 0.f, sum_hi = 0.f;
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+      const __half2 lo = __floats2half2_rn(exp2f(s[nt][0] - base_lo), exp2f(s[nt][1] - base_lo));
+      const __half2 hi = __floats2half2_rn(exp2f(s[nt][2] - base_hi), exp2f(s[nt][3] - base_hi));
+      const float2 flo = __half22float2(lo), fhi = __half22float2(hi);
+      sum_lo += flo.x + flo.y;
+      sum_hi += fhi.x + fhi.y;
+      pa[2 * nt] = *reinterpret_cast<const unsigned*>(&lo);
+      pa[2 * nt + 1] = *reinterpret_cast<const unsigned*>(&hi);
+    }
+    l_lo = l_lo * alpha_lo + sum_lo;
+    l_hi = l_hi * alpha_hi + sum_hi;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      o[nt][0] *= alpha_lo, o[nt][1] *= alpha_lo;
+      o[nt][2] *= alpha_hi, o[nt][3] *= alpha_hi;
+    }
+
+    // O += P V. B element (k = token, n = head dim) is V[token][dim]: V rows are B's rows, so ldmatrix
+    // .trans delivers b0 = (tokens 2cq, 2cq+1; dim gq). Lane l addresses token kb + (l % 8) + 8 * ((l / 8)
+    // % 2), dims 16 d2 + 8 * (l / 16): matrix 0 = tokens 0-7 / dims 0-7 -> b0 of n-tile 2 d2, matrix 1 =
+    // tokens 8-15 / dims 0-7 -> b1 of n-tile 2 d2, matrices 2, 3 the same for n-tile 2 d2 + 1.
+    {
+      const int tok = kb + (lane % 8) + 8 * ((lane / 8) % 2), col = 8 * (lane / 16);
+#pragma unroll
+      for (int d2 = 0; d2 < NT / 2; ++d2) {
+        unsigned b[4];
+        rf::ldmatrix_x4_trans(b, vs + tok * KS + d2 * 16 + col);
+        rf::mma_m16n8k16(o[2 * d2], pa, b[0], b[1]);
+        rf::mma_m16n8k16(o[2 * d2 + 1], pa, b[2], b[3]);
+      }
+    }
+  }
+
+  // Merge the 4 warps. Sums first over the quad (each lane summed its own columns).
+#pragma unroll
+  for (int off = 1; off <= 2; off <<= 1) {
+    l_lo += __shfl_xor_sync(0xffffffffu, l_lo, off);
+    l_hi += __shfl_xor_sync(0xffffffffu, l_hi, off);
+  }
+  rf::cp_async_wait<0>();
+  __syncthreads();  // every warp is done with the stage buffers: o_s may overwrite them
+  if (cq == 0) {
+    wm_s[warp * R + gq] = m_lo, wm_s[warp * R + gq + 8] = m_hi;
+    wl_s[warp * R + gq] = l_lo, wl_s[warp * R + gq + 8] = l_hi;
+  }
+  __syncthreads();
+  if (tid < R) {
+    float mx = neg_inf();
+#pragma unroll
+    for (int v = 0; v < kWarps; ++v) mx = fmaxf(mx, wm_s[v * R + tid]);
+    const float base = mx == neg_inf() ? 0.f : mx;
+    float total = 0.f;
+#pragma unroll
+    for (int v = 0; v < kWarps; ++v) total += wl_s[v * R + tid] * exp2f(wm_s[v * R + tid] - base);
+    M_s[tid] = base;
+    L_s[tid] = total;
+  }
+  __syncthreads();
+  {
+    const float f_lo = exp2f(m_lo - M_s[gq]), f_hi = exp2f(m_hi - M_s[gq + 8]);
+    float* ow = o_s + warp * R * OS;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const int d = 8 * nt + 2 * cq;
+      *reinterpret_cast<float2*>(ow + gq * OS + d) = make_float2(o[nt][0] * f_lo, o[nt][1] * f_lo);
+      *reinterpret_cast<float2*>(ow + (gq + 8) * OS + d) = make_float2(o[nt][2] * f_hi, o[nt][3] * f_hi);
+    }
+  }
+  __syncthreads();
+  const bool split = part_out != nullptr;
+  for (int i = tid; i < R * HD; i += kThreads) {
+    const int r = i / HD, d = i % HD, g = w.chunk * R + r;
+    if (g >= w.rows_total || d >= head_dim) continue;
+    float v = 0.f;
+#pragma unroll
+    for (int wv = 0; wv < kWarps; ++wv) v += o_s[(wv * R + r) * OS + d];
+    const float total = L_s[r];
+    v = total > 0.f ? v / total : 0.f;
+    const long long row = out_row(w, g, q_len, q_heads, split ? num_splits : 1);
+    if (split) {
+      part_out[row * head_dim + d] = v;
+      if (d == 0) part_lse[row] = total > 0.f ? M_s[r] + log2f(total) : neg_inf();
+    } else {
+      out[row * head_dim + d] = __float2half_rn(v);
+    }
+  }
+}
+
+// ---- combine and debug check ------------------------------------------------------------------------------
+
+// One CTA per output row (seq, token, q head): out = sum_i w_i out_i / sum_i w_i, w_i = 2^(lse_i - max lse).
+// Dynamic shared memory: num_splits floats for the weights.
+template <typename T>
+__global__ void __launch_bounds__(rf_paged::kThreads)
+    paged_attention_combine(const float* __restrict__ part_out, const float* __restrict__ part_lse,
+                            T* __restrict__ out, int num_splits, int head_dim) {
+  using namespace rf_paged;
+  extern __shared__ __align__(16) unsigned char smem[];
+  float* w_s = reinterpret_cast<float*>(smem);
+  __shared__ float scratch[kWarps];
+  const long long row = blockIdx.x;
+  const float* lse = part_lse + row * num_splits;
+  float mx = neg_inf();
+  for (int i = threadIdx.x; i < num_splits; i += kThreads) mx = fmaxf(mx, lse[i]);
+  mx = rf::block_reduce<kThreads>(mx, rf::Max(), scratch);
+  const float base = mx == neg_inf() ? 0.f : mx;
+  float total = 0.f;
+  for (int i = threadIdx.x; i < num_splits; i += kThreads) {
+    const float wi = exp2f(lse[i] - base);  // 0 for an empty split (lse -inf)
+    w_s[i] = wi;
+    total += wi;
+  }
+  total = rf::block_reduce<kThreads>(total, rf::Sum(), scratch);  // its trailing sync publishes w_s
+  const float inv = total > 0.f ? 1.f / total : 0.f;
+  const float* po = part_out + row * num_splits * head_dim;
+  for (int d = threadIdx.x; d < head_dim; d += kThreads) {
+    float acc = 0.f;
+    for (int i = 0; i < num_splits; ++i) {
+      const float wi = w_s[i];
+      if (wi != 0.f) acc = fmaf(wi, po[i * head_dim + d], acc);  // skip: an empty split's out is 0 anyway
+    }
+    out[row * head_dim + d] = rf::from_acc<T>(acc * inv);
+  }
+}
+
+// Debug: thread (s, slot) for slot < table_stride checks block_tables[s][slot] when the slot is in use
+// (slot < ceil(context_lens[s] / block_size)): the id must lie in [0, num_blocks) and, with `owners`
+// (int32 [num_blocks], -1 = shared/free), belong to s or be shared. Slot == table_stride checks
+// 0 <= context_lens[s] <= table_stride * block_size. The smallest failing s * (table_stride + 1) + slot
+// goes to *first_bad (initialised to INT_MAX by the launcher).
+// THREADS: the block size the launcher uses (a template so that every kernel of the family is fetched
+// through a template name expression).
+template <int THREADS>
+__global__ void __launch_bounds__(THREADS)
+    paged_attention_check_tables(const int* __restrict__ block_tables, const int* __restrict__ context_lens,
+                                 const int* __restrict__ owners, int num_seqs, int table_stride,
+                                 int log2_block, int num_blocks, int* first_bad) {
+  const long long idx = static_cast<long long>(blockIdx.x) * THREADS + threadIdx.x;
+  const long long per_seq = static_cast<long long>(table_stride) + 1;
+  if (idx >= per_seq * num_seqs) return;
+  const int s = static_cast<int>(idx / per_seq), slot = static_cast<int>(idx % per_seq);
+  const int ctx = context_lens[s];
+  const long long capacity = static_cast<long long>(table_stride) << log2_block;
+  const bool ctx_ok = ctx >= 0 && static_cast<long long>(ctx) <= capacity;
+  bool bad;
+  if (slot == table_stride) {
+    bad = !ctx_ok;
+  } else {
+    const long long used = ctx_ok ? ((static_cast<long long>(ctx) + (1 << log2_block) - 1) >> log2_block) : 0;
+    bad = false;
+    if (slot < used) {
+      const int b = block_tables[static_cast<long long>(s) * table_stride + slot];
+      bad = b < 0 || b >= num_blocks || (owners != nullptr && owners[b] != -1 && owners[b] != s);
+    }
+  }
+  if (bad) atomicMin(first_bad, static_cast<int>(idx));
+}
