@@ -114,6 +114,13 @@ def decode_ref(cp: Any, a: dict, seqs: Sequence[int]) -> Any:
     return cp.stack(outs)
 
 
+def on_device(cp: Any, out: Any) -> Any:
+    """A CuPy view of an output (torch's tensors arrive through DLPack; made contiguous first)."""
+    if isinstance(out, cp.ndarray):
+        return out
+    return cp.from_dlpack(out.contiguous() if hasattr(out, "contiguous") else out)
+
+
 def rel_err(cp: Any, out: Any, ref: Any) -> float:
     return harness.rel_error(out, ref)
 
@@ -338,7 +345,7 @@ def bench_prefill(
             rec = harness.make_record(**common, status="error", message=_describe(exc))
         else:
             rec = _timed_record(
-                calls, lambda out: rel_err(cp, out[:, rows], ref), clock, reps, warmup, common
+                calls, lambda out: rel_err(cp, on_device(cp, out)[:, rows], ref), clock, reps, warmup, common
             )
         if rec.get("tflops"):
             rec["pct_ceiling"] = 100.0 * rec["tflops"] / matmul_tflops
@@ -370,7 +377,12 @@ def bench_decode(cp, rf, torch, name, cfg, impls, clock, reps, warmup, l2, ceili
             rec = harness.make_record(**common, status="error", message=_describe(exc))
         else:
             rec = _timed_record(
-                calls, lambda out: rel_err(cp, out[check_seqs], ref), clock, reps, warmup, common
+                calls,
+                lambda out: rel_err(cp, on_device(cp, out)[check_seqs], ref),
+                clock,
+                reps,
+                warmup,
+                common,
             )
         records.append(rec)
         harness.log(harness.format_line(rec))
@@ -413,19 +425,6 @@ def bench_rope(cp, rf, name, cfg, impls, clock, reps, warmup, l2, ceiling) -> li
 # ---- the command -------------------------------------------------------------------------------------------
 
 
-def _list_arg(choices: Sequence[str], what: str) -> Callable[[str], list[str]]:
-    def parse(text: str) -> list[str]:
-        items = [t.strip() for t in text.split(",") if t.strip()]
-        bad = [t for t in items if t not in choices]
-        if bad or not items:
-            raise argparse.ArgumentTypeError(
-                f"unknown {what} {bad or text!r}; choose from {', '.join(choices)}"
-            )
-        return items
-
-    return parse
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="bench/attention.py",
@@ -434,8 +433,10 @@ def build_parser() -> argparse.ArgumentParser:
         "Needs a GPU and CuPy.",
     )
     p.add_argument("--quick", action="store_true", help="one shape per part, 20 reps, results to $OUT")
-    p.add_argument("--parts", type=_list_arg(PARTS, "part"), default=list(PARTS), help="prefill,decode,rope")
-    p.add_argument("--impls", type=_list_arg(ALL_IMPLS, "impl"), default=list(ALL_IMPLS))
+    p.add_argument(
+        "--parts", type=harness.list_arg(PARTS, "part"), default=list(PARTS), help="prefill,decode,rope"
+    )
+    p.add_argument("--impls", type=harness.list_arg(ALL_IMPLS, "impl"), default=list(ALL_IMPLS))
     p.add_argument("--configs", help="comma list of config names (any part)")
     p.add_argument("--out", metavar="DIR", help="write the results here instead")
     p.add_argument(

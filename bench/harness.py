@@ -19,6 +19,7 @@ GPU (the tests in tests/test_bench_harness.py use `HostClock` and NumPy).
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import importlib.metadata
 import json
@@ -52,6 +53,21 @@ def log(*parts: Any) -> None:
 
 
 # ---- device, versions, where results go ------------------------------------------------------------------
+
+
+def list_arg(choices: Sequence[str], what: str) -> Callable[[str], list[str]]:
+    """An argparse type: a comma list of names, each one of `choices`."""
+
+    def parse(text: str) -> list[str]:
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        bad = [t for t in items if t not in choices]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(
+                f"unknown {what} {bad or text!r}; choose from {', '.join(choices)}"
+            )
+        return items
+
+    return parse
 
 
 def require_gpu(script: str) -> Any:

@@ -673,19 +673,6 @@ def run(
 # ---- the command -------------------------------------------------------------------------------------------
 
 
-def _list_arg(choices: Sequence[str], what: str) -> Callable[[str], list[str]]:
-    def parse(text: str) -> list[str]:
-        items = [t.strip() for t in text.split(",") if t.strip()]
-        bad = [t for t in items if t not in choices]
-        if bad or not items:
-            raise argparse.ArgumentTypeError(
-                f"unknown {what} {bad or text!r}; choose from {', '.join(choices)}"
-            )
-        return items
-
-    return parse
-
-
 def _reps(text: str) -> int:
     try:
         n = int(text)
@@ -707,9 +694,15 @@ def build_parser() -> argparse.ArgumentParser:
         "$OUT or bench/out instead; a full run also copies them to $OUT when that is set).",
     )
     p.add_argument("--quick", action="store_true", help=f"shapes {', '.join(QUICK_CONFIGS)} only, 20 reps")
-    p.add_argument("--ops", type=_list_arg(OP_NAMES, "op"), default=list(OP_NAMES), help="comma list of ops")
-    p.add_argument("--configs", type=_list_arg(tuple(CONFIGS), "config"), help="comma list of CONFIGS names")
-    p.add_argument("--impls", type=_list_arg(IMPLS, "impl"), default=list(IMPLS), help="comma list of impls")
+    p.add_argument(
+        "--ops", type=harness.list_arg(OP_NAMES, "op"), default=list(OP_NAMES), help="comma list of ops"
+    )
+    p.add_argument(
+        "--configs", type=harness.list_arg(tuple(CONFIGS), "config"), help="comma list of CONFIGS names"
+    )
+    p.add_argument(
+        "--impls", type=harness.list_arg(IMPLS, "impl"), default=list(IMPLS), help="comma list of impls"
+    )
     p.add_argument("--out", metavar="DIR", help="write the results here instead")
     p.add_argument(
         "--reps", type=_reps, help="timed calls per measurement (>= 20; default 30, 20 with --quick)"

@@ -3,27 +3,13 @@ acceptance list, and the harness pieces it added (TFLOP/s tables, the per-shape 
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
+from bench_modules import load
 
-BENCH = Path(__file__).resolve().parent.parent / "bench"
-
-
-def _load(name: str):
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-harness = _load("harness")
-attention = _load("attention")
+harness = load("harness")
+attention = load("attention")
 
 
 def _explicit(q, k, v, causal, scale):

@@ -5,7 +5,6 @@ shapes through the same code path the GPU run takes."""
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import math
 import subprocess
@@ -14,22 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from bench_modules import BENCH, load
 
-BENCH = Path(__file__).resolve().parent.parent / "bench"
-
-
-def _load(name: str):
-    """bench/<name>.py as module `name` (kernels.py imports harness by that name); sys.path untouched."""
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-harness = _load("harness")
-kernels = _load("kernels")
+harness = load("harness")
+kernels = load("kernels")
 
 SPECS = {(s.op, s.direction): s for s in kernels.OPS}
 

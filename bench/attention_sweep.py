@@ -1,0 +1,180 @@
+"""Sweep the knobs of the attention kernels on the GPU, to set defaults from measurements.
+
+    python bench/attention_sweep.py                  everything below
+    python bench/attention_sweep.py --parts decode   one part (prefill | decode | read)
+    python bench/attention_sweep.py --once decode    one call of the default decode kernel (for ncu)
+
+- read:    the read-only bandwidth of this GPU (a kernel summing a 2 GiB buffer in 16-byte loads), the
+           ceiling of a kernel that only reads, next to the copy ceiling (read + write).
+- decode:  rf.paged_attention per version, split count and block size, and torch SDPA per backend, on the
+           benchmark's decode shapes (bench/attention.py DECODE_CONFIGS).
+- prefill: rf.attention per version and torch SDPA per backend on the prefill shapes.
+Timing as everywhere (bench/harness.py). Output: one line per measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import attention as bench  # noqa: E402
+import harness  # noqa: E402
+
+_READ_SOURCE = r"""
+extern "C" __global__ void read_all(const int4* __restrict__ src, long long n, int* __restrict__ sink) {
+    int acc = 0;
+    long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        int4 v = __ldcs(src + i);
+        acc ^= v.x ^ v.y ^ v.z ^ v.w;
+    }
+    if (acc == 0x12345678) sink[0] = acc;  // keeps the loads; practically never taken
+}
+"""
+
+
+def read_ceiling(cp, clock, reps: int) -> float:
+    props = cp.cuda.runtime.getDeviceProperties(0)
+    src = cp.random.RandomState(3).standard_normal(1 << 29, dtype=cp.float32)  # 2 GiB
+    sink = cp.zeros(1, dtype=cp.int32)
+    kernel = cp.RawKernel(_READ_SOURCE, "read_all")
+    blocks = props["multiProcessorCount"] * 4
+    n = src.nbytes // 16
+    timing = harness.time_calls([lambda: kernel((blocks,), (512,), (src, cp.int64(n), sink))], clock, reps)
+    rate = harness.gbps(src.nbytes, timing.median)
+    harness.log(
+        f"read-only ceiling: {rate:.0f} GB/s ({src.nbytes / 2**30:.0f} GiB read, {blocks} x 512 threads)"
+    )
+    return rate
+
+
+def _line(what: str, nbytes: float, flops: float, timing) -> None:
+    ms = timing.median
+    harness.log(
+        f"{what:<58} {ms:8.4f} ms  {harness.gbps(nbytes, ms):7.0f} GB/s  "
+        f"{harness.tflops(flops, ms):7.1f} TFLOP/s"
+    )
+
+
+def sweep_decode(cp, rf, torch, clock, reps: int, l2: int) -> None:
+    for name, (batch, ctx, heads, kv_heads, dim, _bs) in bench.DECODE_CONFIGS.items():
+        kv_bytes = 2 * batch * ctx * kv_heads * dim * 2
+        nbytes = kv_bytes + 2 * batch * heads * dim * 2
+        flops = 4 * batch * heads * ctx * dim
+        for bs in (16, 64):
+            n_sets = harness.rotation_sets(kv_bytes, l2)
+            sets = [
+                bench.decode_inputs(cp, 200 + i, batch, ctx, heads, kv_heads, dim, bs) for i in range(n_sets)
+            ]
+            for version in (1, 2):
+                for splits in (None, 1, 2, 4, 8, 16):
+                    calls = [
+                        (lambda a=a, v=version, s=splits: rf.paged_attention(
+                            a["q"], a["k_cache"], a["v_cache"], a["tables"], a["context_lens"],
+                            num_splits=s, version=v))
+                        for a in sets
+                    ]  # fmt: skip
+                    try:
+                        t = harness.time_calls(calls, clock, reps)
+                    except Exception as exc:
+                        harness.log(f"{name} bs{bs} v{version} splits {splits}: {type(exc).__name__}: {exc}")
+                        continue
+                    _line(f"decode {name} bs{bs} v{version} splits {splits or 'auto'}", nbytes, flops, t)
+            if bs == 16:
+                for a in sets:
+                    a["contiguous"] = bench.contiguous_kv(cp, a)
+                for backend in ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", None):
+                    calls = []
+                    for a in sets:
+                        k, v = a["contiguous"]
+                        call = bench._torch_sdpa(torch, backend)(a["q"], k, v, False, a["scale"])
+                        calls.append(call)
+                    try:
+                        t = harness.time_calls(calls, clock, reps)
+                    except Exception as exc:
+                        harness.log(f"decode {name} torch {backend}: {type(exc).__name__}: {str(exc)[:120]}")
+                        continue
+                    _line(f"decode {name} torch {backend or 'default'}", nbytes, flops, t)
+            del sets
+            cp.get_default_memory_pool().free_all_blocks()
+            torch.cuda.empty_cache()
+
+
+def sweep_prefill(cp, rf, torch, clock, reps: int, l2: int) -> None:
+    for name, (batch, seq, heads, dim, causal) in bench.PREFILL_CONFIGS.items():
+        flops = 4 * batch * heads * seq * seq * dim // (2 if causal else 1)
+        nbytes = 4 * batch * seq * heads * dim * 2
+        n_sets = harness.rotation_sets(3 * batch * seq * heads * dim * 2, l2)
+        sets = [bench.prefill_inputs(cp, 100 + i, batch, seq, heads, dim) for i in range(n_sets)]
+        scale = dim**-0.5
+        for version in (2, 3):
+            calls = [
+                (
+                    lambda a=a, v=version, c=causal, s=scale: rf.attention(
+                        a["q"], a["k"], a["v"], causal=c, scale=s, version=v
+                    )
+                )
+                for a in sets
+            ]
+            _line(f"prefill {name} v{version}", nbytes, flops, harness.time_calls(calls, clock, reps))
+        for backend in ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", None):
+            calls = [bench._torch_sdpa(torch, backend)(a["q"], a["k"], a["v"], causal, scale) for a in sets]
+            try:
+                t = harness.time_calls(calls, clock, reps)
+            except Exception as exc:
+                harness.log(f"prefill {name} torch {backend}: {type(exc).__name__}: {str(exc)[:120]}")
+                continue
+            _line(f"prefill {name} torch {backend or 'default'}", nbytes, flops, t)
+        del sets
+        cp.get_default_memory_pool().free_all_blocks()
+        torch.cuda.empty_cache()
+
+
+def once(cp, rf, part: str) -> None:
+    """One call of the default kernel on the first shape of `part` (for profilers)."""
+    if part == "decode":
+        batch, ctx, heads, kv_heads, dim, bs = bench.DECODE_CONFIGS["b64-c4096-gqa8"]
+        a = bench.decode_inputs(cp, 200, batch, ctx, heads, kv_heads, dim, bs)
+        for _ in range(3):
+            rf.paged_attention(a["q"], a["k_cache"], a["v_cache"], a["tables"], a["context_lens"])
+    else:
+        batch, seq, heads, dim, causal = bench.PREFILL_CONFIGS["b2-s8192-d128"]
+        a = bench.prefill_inputs(cp, 100, batch, seq, heads, dim)
+        for _ in range(3):
+            rf.attention(a["q"], a["k"], a["v"], causal=causal)
+    cp.cuda.Device().synchronize()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="bench/attention_sweep.py", description=__doc__.split("\n")[0])
+    p.add_argument("--parts", default="read,decode,prefill")
+    p.add_argument("--once", choices=("decode", "prefill"))
+    p.add_argument("--reps", type=int, default=20)
+    args = p.parse_args(argv)
+    cp = harness.require_gpu("bench/attention_sweep.py")
+    import rawformer as rf
+
+    if args.once:
+        once(cp, rf, args.once)
+        return 0
+    import torch
+
+    clock = harness.CudaClock(cp)
+    l2 = harness.device_header(cp)["l2_bytes"]
+    parts = args.parts.split(",")
+    if "read" in parts:
+        harness.log(f"copy ceiling: {harness.measure_copy_ceiling(cp, clock)['ceiling_gbps']:.0f} GB/s")
+        read_ceiling(cp, clock, args.reps)
+        cp.get_default_memory_pool().free_all_blocks()
+    if "decode" in parts:
+        sweep_decode(cp, rf, torch, clock, args.reps, l2)
+    if "prefill" in parts:
+        sweep_prefill(cp, rf, torch, clock, args.reps, l2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
