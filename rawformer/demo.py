@@ -17,6 +17,9 @@ import numpy as np
 import rawformer as rf
 from rawformer import backend
 from rawformer.ops import activations, norms
+from rawformer.ops.attention import attention_ref
+from rawformer.ops.paged_attention import paged_attention_ref
+from rawformer.ops.rope import rope_ref
 from rawformer.ops.softmax import log_softmax_ref, softmax_ref
 
 
@@ -26,6 +29,7 @@ class Case:
     inputs: Callable[[np.random.Generator, int, int], tuple[np.ndarray, ...]]
     run: Callable[..., Any]  # (*inputs, impl=...) -> array or tuple of arrays
     reference: Callable[..., Any]  # (*float64 inputs) -> array or tuple of arrays
+    numba: bool = True  # whether the op has a Numba kernel
 
 
 def _x(rng, rows, cols):
@@ -59,6 +63,33 @@ def _ln_bwd_ref(dy, x, w):
     return norms.layer_norm_backward_ref(dy, x, w, mean, rstd)
 
 
+# Attention shapes from (rows, cols): rows = tokens of one sequence, heads of 64 (GQA 4:2).
+HEAD_DIM, Q_HEADS, KV_HEADS, BLOCK = 64, 4, 2, 16
+
+
+def _attention_inputs(rng, rows, cols):
+    return (
+        rng.standard_normal((1, rows, Q_HEADS, HEAD_DIM)),
+        rng.standard_normal((1, rows, KV_HEADS, HEAD_DIM)),
+        rng.standard_normal((1, rows, KV_HEADS, HEAD_DIM)),
+    )
+
+
+def _decode_inputs(rng, rows, cols):
+    """4 sequences of ragged length (rows, rows/2, rows/3, 1 tokens) in a shuffled paged cache, one new
+    query token each."""
+    lens = np.array([rows, max(1, rows // 2), max(1, rows // 3), 1], dtype=np.int32)
+    per_seq = -(-int(lens.max()) // BLOCK)
+    blocks = rng.permutation(4 * per_seq).astype(np.int32).reshape(4, per_seq)
+    cache = (4 * per_seq, BLOCK, KV_HEADS, HEAD_DIM)
+    q = rng.standard_normal((4, 1, Q_HEADS, HEAD_DIM))
+    return q, rng.standard_normal(cache), rng.standard_normal(cache), blocks, lens
+
+
+def _rope_inputs(rng, rows, cols):
+    return rng.standard_normal((rows, Q_HEADS, HEAD_DIM)), np.arange(rows, dtype=np.int32) * 7
+
+
 CASES = [
     Case("softmax", _x, lambda x, impl=None: rf.softmax(x, impl=impl), softmax_ref),
     Case("log_softmax", _x, lambda x, impl=None: rf.log_softmax(x, impl=impl), log_softmax_ref),
@@ -82,6 +113,20 @@ CASES = [
         lambda x: activations.gelu_ref(x, None, "tanh"),
     ),
     Case("swiglu", _two, lambda g, u, impl=None: rf.swiglu(g, u, impl=impl), activations.swiglu_ref),
+    Case(
+        "attention (causal)",
+        _attention_inputs,
+        lambda q, k, v, impl=None: rf.attention(q, k, v, causal=True, impl=impl),
+        lambda q, k, v: attention_ref(q, k, v, causal=True),
+        numba=False,
+    ),
+    Case(
+        "paged_attention",
+        _decode_inputs,
+        lambda *a, impl=None: rf.paged_attention(*a, impl=impl),
+        paged_attention_ref,
+    ),
+    Case("rope", _rope_inputs, lambda x, pos, impl=None: rf.rope(x, pos), rope_ref, numba=False),
 ]
 
 
@@ -134,21 +179,25 @@ def run(rows: int = 512, cols: int = 1000, dtype: np.dtype | type = np.float32) 
     rng = np.random.default_rng(0)
     results = []
     print(f"rawformer {rf.__version__} demo: {rows}x{cols} {dtype}, time = median of 5 after a warm-up")
-    header = f"{'op':<22} {'backend':<13} {'shape':<12} {'time ms':>9} {'max err vs ref':>15}"
+    header = f"{'op':<22} {'backend':<13} {'shape':<16} {'time ms':>9} {'max err vs ref':>15}"
     print(header)
     print("-" * len(header))
     for case in CASES:
         inputs64 = case.inputs(rng, rows, cols)
         refs = _as_tuple(case.reference(*inputs64))
         for label, xp, impl in backends():
-            args = tuple(xp.asarray(a.astype(dtype)) for a in inputs64)
+            if impl == "numba" and not case.numba:
+                continue
+            # float inputs in the demo's dtype; index arrays (block tables, positions) as they are
+            args = tuple(xp.asarray(a.astype(dtype) if a.dtype.kind == "f" else a) for a in inputs64)
             sync = (lambda xp=xp: xp.cuda.Device().synchronize()) if xp is not np else (lambda: None)
             outputs = _as_tuple(case.run(*args, impl=impl))
             err = _max_error(outputs, refs)
             ms = _time(lambda case=case, args=args, impl=impl: case.run(*args, impl=impl), sync)
-            row = {"op": case.name, "backend": label, "shape": f"{rows}x{cols}", "ms": ms, "max_error": err}
+            shape = "x".join(map(str, inputs64[0].shape))
+            row = {"op": case.name, "backend": label, "shape": shape, "ms": ms, "max_error": err}
             results.append(row)
-            print(f"{case.name:<22} {label:<13} {row['shape']:<12} {ms:9.3f} {err:15.2e}")
+            print(f"{case.name:<22} {label:<13} {shape:<16} {ms:9.3f} {err:15.2e}")
     if len(backends()) == 1:
         print("\nNo GPU here: only the NumPy path ran. On a machine with an NVIDIA GPU and the cuda12 or")
         print("cuda13 extra the same command also runs the CUDA and Numba kernels.")

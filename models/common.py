@@ -1,0 +1,195 @@
+"""What the models share: weight checks, random weights, a decoder layer's attention over the paged cache.
+
+Decoder attention, one forward step over a batch of sequences (the AttentionBatch of rawformer.memory: new
+tokens packed sequence after sequence, their K/V already written into the cache by rf.rope_kv_write /
+rf.kv_write). Three cases, decided once per step by `plan_step`:
+
+    prefill  batch.is_prefill: every sequence starts at position 0 with nothing cached, so attention runs
+             over the new tokens only: rf.attention varlen, causal, cu_seqlens_k = cu_seqlens_q.
+    decode   every sequence has the same number n <= 16 of new tokens (T == S * max_seqlen_q): q viewed as
+             (S, n, heads, head_dim) and rf.paged_attention reads K/V straight from the paged cache.
+    gather   anything else (a prompt after a cached prefix, chunked prefill, ragged speculative steps): the
+             context of every sequence (cached prefix + the new tokens) is gathered from the cache into a
+             packed (total_k, kv_heads, head_dim) array, then rf.attention varlen with q_len != k_len
+             (bottom-right causal alignment puts the new tokens at the end of their context).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+import rawformer as rf
+from rawformer import backend
+
+__all__ = [
+    "Arena",
+    "StepBatch",
+    "StepPlan",
+    "check_weights",
+    "decoder_attention",
+    "plan_step",
+    "random_weights",
+    "weights_module",
+]
+
+MAX_DECODE_Q = 16  # rf.paged_attention takes up to 16 new tokens per sequence
+
+
+class StepBatch(Protocol):
+    """The fields of rawformer.memory.AttentionBatch a model reads (arrays where the model's weights live)."""
+
+    tokens: Any  # int (T,) new token ids, packed sequence after sequence
+    positions: Any  # int32 (T,) position of each new token in its sequence
+    slot_mapping: Any  # int32 (T,) cache slot of each new token (block * block_size + offset)
+    cu_seqlens_q: Any  # int32 (S + 1,) offsets of each sequence's new tokens
+    context_lens: Any  # int32 (S,) tokens in the cache per sequence, the new ones included
+    block_tables: Any  # int32 (S, max_blocks), -1 padded
+    max_seqlen_q: int
+    max_context: int
+    is_prefill: bool
+
+
+class Arena(Protocol):
+    """The KV arena: layer L's caches, each (num_blocks, block_size, kv_heads, head_dim)."""
+
+    def k(self, layer: int) -> Any: ...
+
+    def v(self, layer: int) -> Any: ...
+
+
+# ---- weights ----------------------------------------------------------------------------------------------
+
+
+def weights_module(weights: dict[str, Any], xp: Any) -> tuple[Any, np.dtype]:
+    """The array module and the float dtype of a weight dict (xp given or taken from the first array)."""
+    if not weights:
+        raise ValueError("weights is empty")
+    first = next(iter(weights.values()))
+    mod = xp if xp is not None else backend.array_module(first)
+    return mod, np.dtype(first.dtype)
+
+
+def check_weights(
+    model: str, expected: dict[str, tuple[int, ...]], weights: dict[str, Any], xp: Any
+) -> np.dtype:
+    """Every expected tensor is there, with its shape, one float dtype and on one device; returns the dtype.
+
+    Errors name the tensor: KeyError for a missing one, ValueError for a wrong shape / dtype / device. Tensors
+    not in `expected` are ignored (checkpoints carry buffers such as attention masks and position ids)."""
+    missing = [n for n in expected if n not in weights]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise KeyError(f"{model}: missing weight {missing[0]!r}{more}")
+    dtype = None
+    allowed = (np.float16, np.float32) if xp is not np else (np.float32, np.float64)
+    for name, shape in expected.items():
+        w = weights[name]
+        if tuple(w.shape) != tuple(shape):
+            raise ValueError(f"{model}: weight {name!r} has shape {tuple(w.shape)}, expected {tuple(shape)}")
+        if backend.array_module(w) is not xp:
+            raise ValueError(
+                f"{model}: weight {name!r} is a {type(w).__name__}, expected an array of {xp.__name__}"
+            )
+        if dtype is None:
+            dtype = np.dtype(w.dtype)
+            if dtype not in [np.dtype(t) for t in allowed]:
+                where = "on the GPU" if xp is not np else "on the CPU"
+                raise ValueError(
+                    f"{model}: weights are {dtype}; {where} models run in "
+                    f"{' / '.join(np.dtype(t).name for t in allowed)}"
+                )
+        elif w.dtype != dtype:
+            raise ValueError(f"{model}: weight {name!r} is {w.dtype} but the others are {dtype}")
+    assert dtype is not None
+    return dtype
+
+
+def random_weights(
+    shapes: dict[str, tuple[int, ...]], seed: int, dtype: Any, xp: Any, std: float
+) -> dict[str, Any]:
+    """Random weights of the given shapes, the same on every backend for a seed (drawn on the host).
+
+    1-D ".weight" tensors (norm scales) are 1 + N(0, std); biases and everything else N(0, std)."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, shape in shapes.items():
+        w = rng.standard_normal(shape, dtype=np.float32) * np.float32(std)
+        if len(shape) == 1 and name.endswith(".weight"):  # a norm's scale
+            w = np.float32(1.0) + w
+        out[name] = xp.asarray(w.astype(dtype))
+    return out
+
+
+def linear_weight(w: Any, xp: Any) -> Any:
+    """An HF nn.Linear weight (out, in) as the contiguous (in, out) matrix of `x @ W`."""
+    return xp.ascontiguousarray(w.T)
+
+
+# ---- decoder attention over the paged cache ----------------------------------------------------------------
+
+
+@dataclass
+class StepPlan:
+    """How every layer of one forward step attends (see the module docstring). Built once per step."""
+
+    mode: str  # "prefill" | "decode" | "gather"
+    q_len: int = 0  # decode: new tokens per sequence
+    gather_slots: Any = None  # gather: int (total_k,) cache slots of every sequence's context, packed
+    cu_seqlens_k: Any = None  # gather: int32 (S + 1,) offsets of the contexts in the packed K/V
+
+
+def plan_step(batch: StepBatch, block_size: int, xp: Any) -> StepPlan:
+    """Pick the attention case for a batch. Only the gather case needs array values on the host (context
+    lengths and block tables, to build the gather indices once for all layers): it takes them from
+    `batch.host` (the pool's NumPy copies) when the batch has one, else copies them from the device."""
+    tokens = int(batch.tokens.shape[0])
+    seqs = int(batch.context_lens.shape[0])
+    if batch.is_prefill:
+        return StepPlan("prefill")
+    n = int(batch.max_seqlen_q)
+    if 0 < n <= MAX_DECODE_Q and tokens == seqs * n:  # all q lengths equal: each <= n and they sum to S * n
+        return StepPlan("decode", q_len=n)
+    src = getattr(batch, "host", None) or batch
+    ctx = backend.to_numpy(src.context_lens).astype(np.int64)
+    tables = backend.to_numpy(src.block_tables).astype(np.int64)
+    cu_k = np.zeros(seqs + 1, dtype=np.int64)
+    np.cumsum(ctx, out=cu_k[1:])
+    seq_of = np.repeat(np.arange(seqs), ctx)  # (total_k,) the sequence of each context position
+    pos = np.arange(int(cu_k[-1])) - np.repeat(cu_k[:-1], ctx)  # position within its sequence
+    slots = tables[seq_of, pos // block_size] * block_size + pos % block_size
+    return StepPlan("gather", gather_slots=xp.asarray(slots), cu_seqlens_k=xp.asarray(cu_k.astype(np.int32)))
+
+
+def decoder_attention(
+    q: Any, k: Any, v: Any, batch: StepBatch, plan: StepPlan, k_cache: Any, v_cache: Any
+) -> Any:
+    """Causal attention of the new tokens of a step, their K/V already in the cache.
+
+    q (T, q_heads, D), k / v (T, kv_heads, D) of the new tokens (strided views allowed); k_cache / v_cache
+    (num_blocks, block_size, kv_heads, D) of this layer. Returns (T, q_heads, D)."""
+    tokens, heads, d = q.shape
+    if plan.mode == "prefill":
+        return rf.attention(
+            q, k, v, causal=True, cu_seqlens_q=batch.cu_seqlens_q, cu_seqlens_k=batch.cu_seqlens_q,
+            max_seqlen_q=int(batch.max_seqlen_q), max_seqlen_k=int(batch.max_seqlen_q),
+        )  # fmt: skip
+    if plan.mode == "decode":
+        seqs = tokens // plan.q_len
+        q4 = q.reshape(seqs, plan.q_len, heads, d)  # (S, n, Hq, D), a view
+        out = rf.paged_attention(q4, k_cache, v_cache, batch.block_tables, batch.context_lens)
+        return out.reshape(tokens, heads, d)
+    kv_heads = k_cache.shape[2]
+    k_all = k_cache.reshape(-1, kv_heads, d)[plan.gather_slots]  # (total_k, Hk, D): the contexts, packed
+    v_all = v_cache.reshape(-1, kv_heads, d)[plan.gather_slots]
+    return rf.attention(
+        q, k_all, v_all, causal=True, cu_seqlens_q=batch.cu_seqlens_q, cu_seqlens_k=plan.cu_seqlens_k,
+        max_seqlen_q=int(batch.max_seqlen_q), max_seqlen_k=int(batch.max_context),
+    )  # fmt: skip
+
+
+def last_token_rows(batch: StepBatch) -> Any:
+    """Row of the last new token of each sequence in the packed batch: cu_seqlens_q[1:] - 1, (S,)."""
+    return batch.cu_seqlens_q[1:] - 1

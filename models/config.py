@@ -1,0 +1,251 @@
+"""Model configurations: one frozen dataclass per architecture, field names as in Hugging Face config.json.
+
+Because the fields carry the config.json keys, reading a checkpoint's config is `Config.from_dict(d)` (keys
+we do not use are ignored) and `config_from_dict(d)` picks the class from `model_type`. Defaults are those of
+the original models (GPT-2 small, Llama-2-7B style, BERT-base).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "BertConfig",
+    "GPT2Config",
+    "LlamaConfig",
+    "MODEL_TYPES",
+    "config_from_dict",
+    "llama_inv_freq",
+]
+
+
+def _from_dict(cls: Any, d: dict[str, Any], aliases: dict[str, str] | None = None) -> Any:
+    """Build `cls` from the keys of `d` that are fields of it (config.json carries many we do not use)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {k: v for k, v in d.items() if k in names}
+    for old, new in (aliases or {}).items():
+        if old in d and new not in d and new in names:
+            kwargs[new] = d[old]
+    return cls(**kwargs)
+
+
+def _positive(cfg: Any, *names: str) -> None:
+    for n in names:
+        v = getattr(cfg, n)
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise ValueError(f"{type(cfg).__name__}.{n} must be a positive int, got {v!r}")
+
+
+def _divides(cfg: Any, heads: str, width: str) -> None:
+    if getattr(cfg, width) % getattr(cfg, heads):
+        raise ValueError(
+            f"{type(cfg).__name__}: {width}={getattr(cfg, width)} is not a multiple of {heads}="
+            f"{getattr(cfg, heads)}"
+        )
+
+
+# GELU names in config.json -> rf.gelu's `approximate`
+_GELU = {
+    "gelu_new": "tanh",
+    "gelu_pytorch_tanh": "tanh",
+    "gelu_fast": "tanh",
+    "gelu": "none",
+}
+
+
+@dataclass(frozen=True)
+class GPT2Config:
+    """GPT-2: pre-LayerNorm decoder, learned positions, GELU (tanh), lm head tied to the token embedding."""
+
+    vocab_size: int = 50257  # tokens (GPT-2's BPE)
+    n_positions: int = 1024  # learned positions: the longest sequence
+    n_embd: int = 768  # hidden size
+    n_layer: int = 12
+    n_head: int = 12
+    n_inner: int | None = None  # MLP width; None = 4 * n_embd
+    layer_norm_epsilon: float = 1e-5
+    activation_function: str = "gelu_new"  # "gelu_new" (tanh approximation) or "gelu" (erf)
+    scale_attn_weights: bool = True  # scores / sqrt(head_dim); the only form we run
+    scale_attn_by_inverse_layer_idx: bool = False  # an extra 1 / (layer + 1) on the scores: not supported
+    model_type: str = field(default="gpt2", repr=False)
+
+    def __post_init__(self) -> None:
+        _positive(self, "vocab_size", "n_positions", "n_embd", "n_layer", "n_head")
+        _divides(self, "n_head", "n_embd")
+        if self.activation_function not in _GELU:
+            raise ValueError(
+                f"GPT2Config.activation_function {self.activation_function!r} is not supported "
+                f"(known: {sorted(_GELU)})"
+            )
+        if not self.scale_attn_weights or self.scale_attn_by_inverse_layer_idx:
+            raise ValueError(
+                "GPT2Config: only scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False is supported"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def inner(self) -> int:
+        return self.n_inner if self.n_inner is not None else 4 * self.n_embd
+
+    @property
+    def gelu_approximate(self) -> str:
+        return _GELU[self.activation_function]
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> GPT2Config:
+        return _from_dict(cls, d)
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    """Llama: pre-RMSNorm decoder, RoPE (NeoX halves), SwiGLU MLP, grouped-query attention, untied head."""
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008  # SwiGLU width
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None  # None = num_attention_heads (no GQA)
+    head_dim: int | None = None  # None = hidden_size // num_attention_heads
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = (
+        None  # None, {"rope_type": "llama3", ...} or {"rope_type": "linear"}
+    )
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False  # True: lm_head = embed_tokens (Llama 3.2 1B / 3B)
+    attention_bias: bool = False  # q/k/v/o projections with biases
+    mlp_bias: bool = False
+    hidden_act: str = "silu"
+    model_type: str = field(default="llama", repr=False)
+
+    def __post_init__(self) -> None:
+        if self.num_key_value_heads is None:
+            object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
+        if self.head_dim is None:
+            _divides(self, "num_attention_heads", "hidden_size")
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+        _positive(
+            self, "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+            "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings",
+        )  # fmt: skip
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"LlamaConfig: num_key_value_heads={self.num_key_value_heads} does not divide "
+                f"num_attention_heads={self.num_attention_heads}"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"LlamaConfig.head_dim must be even (RoPE pairs), got {self.head_dim}")
+        if self.hidden_act != "silu":
+            raise ValueError(f"LlamaConfig.hidden_act {self.hidden_act!r} is not supported (only 'silu')")
+        llama_inv_freq(self)  # reject an unknown rope_scaling now, not at the first forward
+
+    @property
+    def kv_heads(self) -> int:
+        return int(self.num_key_value_heads)  # type: ignore[arg-type]
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LlamaConfig:
+        return _from_dict(cls, d)
+
+
+@dataclass(frozen=True)
+class BertConfig:
+    """BERT encoder: post-LayerNorm, GELU (erf), learned absolute positions, token type embeddings."""
+
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"  # "gelu" (erf) or "gelu_new" (tanh)
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    pad_token_id: int = 0
+    position_embedding_type: str = "absolute"
+    model_type: str = field(default="bert", repr=False)
+
+    def __post_init__(self) -> None:
+        _positive(
+            self, "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+            "intermediate_size", "max_position_embeddings", "type_vocab_size",
+        )  # fmt: skip
+        _divides(self, "num_attention_heads", "hidden_size")
+        if self.hidden_act not in _GELU:
+            raise ValueError(
+                f"BertConfig.hidden_act {self.hidden_act!r} is not supported (known: {sorted(_GELU)})"
+            )
+        if self.position_embedding_type != "absolute":
+            raise ValueError(
+                f"BertConfig.position_embedding_type {self.position_embedding_type!r} is not supported "
+                "(only 'absolute')"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def gelu_approximate(self) -> str:
+        return _GELU[self.hidden_act]
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> BertConfig:
+        return _from_dict(cls, d)
+
+
+MODEL_TYPES: dict[str, type] = {"gpt2": GPT2Config, "llama": LlamaConfig, "bert": BertConfig}
+
+
+def config_from_dict(d: dict[str, Any]) -> GPT2Config | LlamaConfig | BertConfig:
+    """The config of a Hugging Face config.json dict, chosen by its `model_type`.
+
+    Raises ValueError naming the model_type when it is missing or not one of MODEL_TYPES."""
+    model_type = d.get("model_type")
+    if model_type not in MODEL_TYPES:
+        raise ValueError(
+            f"unknown model_type {model_type!r} in config.json; supported: {', '.join(sorted(MODEL_TYPES))}"
+        )
+    return MODEL_TYPES[model_type].from_dict(d)
+
+
+def llama_inv_freq(config: LlamaConfig) -> np.ndarray:
+    """float32 (head_dim / 2,) RoPE frequencies of a Llama config, rope_scaling applied.
+
+    inv_freq[p] = rope_theta ** (-2p / head_dim)
+    "linear" (factor f):  inv_freq / f    (positions divided by f)
+    "llama3" (factor f, low_freq_factor l, high_freq_factor h, original_max_position_embeddings N):
+        wavelength w = 2 pi / inv_freq;  w < N / h: unchanged;  w > N / l: inv_freq / f;
+        between: (1 - s) inv_freq / f + s inv_freq,  s = (N / w - l) / (h - l)
+    """
+    d = int(config.head_dim)  # type: ignore[arg-type]
+    inv = float(config.rope_theta) ** (-np.arange(0, d, 2, dtype=np.float64) / d)
+    rs = config.rope_scaling
+    if rs is None:
+        return inv.astype(np.float32)
+    kind = rs.get("rope_type", rs.get("type"))
+    if kind == "default":
+        return inv.astype(np.float32)
+    if kind == "linear":
+        return (inv / float(rs["factor"])).astype(np.float32)
+    if kind == "llama3":
+        factor = float(rs["factor"])
+        low, high = float(rs["low_freq_factor"]), float(rs["high_freq_factor"])
+        old_ctx = float(rs["original_max_position_embeddings"])
+        wavelen = 2.0 * math.pi / inv
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        mid = (1.0 - smooth) * inv / factor + smooth * inv
+        out = np.where(wavelen < old_ctx / high, inv, np.where(wavelen > old_ctx / low, inv / factor, mid))
+        return out.astype(np.float32)
+    raise ValueError(
+        f"LlamaConfig.rope_scaling type {kind!r} is not supported (known: default, linear, llama3)"
+    )
