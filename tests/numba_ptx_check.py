@@ -178,30 +178,48 @@ def _cases():
             (a32, a32, a32, a32, i64, i64),
             False,
         )
-    # paged decode attention: the production plans (one query row; GQA 8:1, head dims 64/80/128/256), and a
-    # narrower access for a head_dim whose rows are not 16-byte multiples
+    # paged decode attention: the production plans (one query row; GQA 8:1 at head dims 128/256, 4 rows at
+    # 64/80, and the 8-byte float16 benchmark plan), a narrower access for a head_dim whose rows are not
+    # 16-byte multiples, and the split-KV combine kernel
     from rawformer.kernels.numba import paged_attention as pa
 
     for dt in (t.float16, t.float32):
         a, ai = dt[::1], t.int32[::1]
         v16 = 16 // (dt.bitwidth // 8)
-        args = (a, a, a, ai, ai, a, i64, i64, i64, i64, f32)
-        for dim, group_rows, bs in ((128, 1, 16), (128, 8, 16), (64, 8, 8), (80, 4, 128), (256, 8, 16)):
-            plan = pa.make_plan(dim, v16, group_rows)
+        args = (a, a, a, ai, ai, a, a32, a32, i64, i64, i64, i64, i64, i64, f32)
+        layouts = [
+            (128, 1, 16, v16),
+            (128, 8, 16, v16),
+            (64, 4, 8, v16),  # (8 rows of float16 head_dim 64 spill 4 bytes at 255 registers: documented)
+            (80, 4, 128, v16),
+            (256, 8, 16, v16),
+        ]
+        if dt == t.float16:
+            layouts.append((128, 8, 16, 4))
+        for dim, group_rows, bs, vec in layouts:
+            p = per_word("float16" if dt == t.float16 else "float32", vec)
+            plan = pa.make_plan(dim, vec, group_rows, per=p)
             yield (
                 f"paged_attention d={dim} rows={group_rows} bs={bs} {plan}",
                 pa._decode_kernel(
-                    dim, bs, plan.vec, plan.lanes, plan.packs, plan.warps, plan.unroll, plan.rows
+                    dim, bs, plan.vec, plan.lanes, plan.packs, plan.warps, plan.unroll, plan.rows, p
                 ),
                 args,
+                vec == v16,
+            )
+        for dim in (128, 256):
+            yield (
+                f"paged_attention_combine d={dim}",
+                pa._combine_kernel(dim, min(v16, 4)),
+                (a32, a32, a, i64, i64),
                 True,
             )
-    plan = pa.make_plan(68, 4, 3)
+    plan = pa.make_plan(68, 4, 3, per=2)
     yield (
         "paged_attention d=68 vec=4",
-        pa._decode_kernel(68, 32, plan.vec, plan.lanes, plan.packs, plan.warps, plan.unroll, plan.rows),
+        pa._decode_kernel(68, 32, plan.vec, plan.lanes, plan.packs, plan.warps, plan.unroll, plan.rows, 2),
         (t.float16[::1], t.float16[::1], t.float16[::1], t.int32[::1], t.int32[::1], t.float16[::1])
-        + (i64, i64, i64, i64, f32),
+        + (a32, a32, i64, i64, i64, i64, i64, i64, f32),
         False,
     )
 

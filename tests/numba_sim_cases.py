@@ -372,30 +372,64 @@ def _paged_case(rng, dtype, seqs_ctx, q_len, q_heads, kv_heads, dim, bs):
 
 
 @pytest.mark.parametrize(
-    "plan,dtype,ctx,q_len,q_heads,kv_heads,dim,bs",
+    "plan,dtype,ctx,q_len,q_heads,kv_heads,dim,bs,splits",
     [
-        # 2 lanes per token (16 tokens per warp), 2 warps x unroll 2: 64 tokens a step; all rows in one pass
-        (pa.DecodePlan(8, 2, 1, 2, 2, 4), F16, (0, 5, 19, 70), 2, 4, 2, 16, 8),
-        # 4 lanes x 3 scalar packs (the last lane idle past dim 11), rows of 2 of group 3: two passes
-        (pa.DecodePlan(1, 4, 3, 1, 1, 2), F32, (17, 1, 33), 1, 6, 2, 11, 16),
+        # 2 lanes per token (16 tokens per warp), 2 warps x unroll 2: 64 tokens a step; all rows in one pass;
+        # 8 scores per lane, one halving: 4 owned per lane
+        (pa.DecodePlan(8, 2, 1, 2, 2, 4), F16, (0, 5, 19, 70), 2, 4, 2, 16, 8, 1),
+        # 4 lanes x 3 scalar packs (the last lane idle past dim 11), rows of 2 of group 3: two passes; two
+        # lanes hold each score
+        (pa.DecodePlan(1, 4, 3, 1, 1, 2), F32, (17, 1, 33), 1, 6, 2, 11, 16, 1),
         # a whole warp per token (float32 vectors of 4, 32 x 4 = 128 > 96 columns: a partial last vector
         # lane set), 3 query tokens, MQA
-        (pa.DecodePlan(4, 32, 1, 2, 1, 4), F32, (3, 16, 9), 3, 2, 1, 96, 8),
+        (pa.DecodePlan(4, 32, 1, 2, 1, 4), F32, (3, 16, 9), 3, 2, 1, 96, 8, 1),
+        # the GQA 8:1 production shape scaled down: 16 lanes, 2 tokens x 8 rows = one score per lane
+        (pa.DecodePlan(2, 16, 1, 1, 2, 8), F16, (40, 1), 1, 8, 1, 32, 8, 1),
+        # the MHA shape: 2 scores over 16 lanes (8 copies each), 3 splits and the combine
+        (pa.DecodePlan(2, 16, 1, 1, 2, 1), F16, (0, 23, 50), 1, 2, 2, 32, 8, 3),
+        # split-KV with q_len 3, group 2 (6 rows in passes of 4 with padding rows), empty splits (ctx 5)
+        (pa.DecodePlan(4, 4, 1, 1, 2, 4), F32, (5, 37), 3, 4, 2, 16, 8, 3),
     ],
 )
-def test_paged_attention_layouts(plan, dtype, ctx, q_len, q_heads, kv_heads, dim, bs):
+def test_paged_attention_layouts(plan, dtype, ctx, q_len, q_heads, kv_heads, dim, bs, splits):
     rng = np.random.default_rng(29)
     q, k, v, table, lens = _paged_case(rng, dtype, ctx, q_len, q_heads, kv_heads, dim, bs)
     out = _nan(q.shape, dtype)
-    pa.run_forward(plan, q, k, v, table, lens, out, 0.3)
-    assert_close(out, paged_attention64(q, k, v, table, lens, 0.3), dtype, name=f"{plan}")
+    assert pa.split_plan(plan, q, k, table, splits)[0] == splits
+    pa.run_forward(plan, q, k, v, table, lens, out, 0.3, num_splits=splits)
+    assert_close(out, paged_attention64(q, k, v, table, lens, 0.3), dtype, name=f"{plan} splits={splits}")
     assert (out[np.asarray(ctx) == 0] == 0).all()
+
+
+def test_paged_attention_rescales():
+    """Scores spanning hundreds of log2 units (a ramp over the shuffled block pool): the lazy rescale fires
+    several times per row, and the split combine meets very different lse values."""
+    rng = np.random.default_rng(37)
+    q, k, v, table, lens = _paged_case(rng, F32, (45, 30), 1, 4, 1, 16, 8)
+    ramp = np.arange(k.shape[0] * k.shape[1], dtype=np.float32).reshape(k.shape[0], k.shape[1], 1, 1) / 8
+    k = (k + ramp * q[0, 0, 0]).astype(F32)  # pool slots further on score higher for q row 0
+    plan = pa.DecodePlan(4, 4, 1, 1, 2, 4)
+    for splits in (1, 2):
+        out = _nan(q.shape, F32)
+        pa.run_forward(plan, q, k, v, table, lens, out, 3.0, num_splits=splits)
+        assert_close(out, paged_attention64(q, k, v, table, lens, 3.0), F32, name=f"splits={splits}")
 
 
 def test_paged_attention_default_plan():
     rng = np.random.default_rng(31)
     q, k, v, table, lens = _paged_case(rng, F16, (1, 16), 1, 2, 1, 8, 16)
-    assert pa.forward_plan(q, k, v, q) == pa.DecodePlan(8, 1, 1, 4, 2, 2)
+    assert pa.forward_plan(q, k, v, q) == pa.DecodePlan(8, 1, 1, 4, 1, 2)
     out = _nan(q.shape, F16)
     pa.paged_attention_forward(q, k, v, table, lens, out, 0.5)
     assert_close(out, paged_attention64(q, k, v, table, lens, 0.5), F16)
+
+
+def test_paged_attention_auto_split():
+    """The auto rule in the simulator (2 SMs): one sequence x one kv head of 600 positions -> 2 splits."""
+    rng = np.random.default_rng(41)
+    q, k, v, table, lens = _paged_case(rng, F32, (600,), 1, 2, 1, 8, 16)
+    plan = pa.forward_plan(q, k, v, q)
+    assert pa.split_plan(plan, q, k, table) == (2, 384)
+    out = _nan(q.shape, F32)
+    pa.paged_attention_forward(q, k, v, table, lens, out, 0.2)
+    assert_close(out, paged_attention64(q, k, v, table, lens, 0.2), F32)

@@ -361,6 +361,26 @@ def test_version_is_cuda_only(rng):
         attention(q, k, v, version=1)
 
 
+def test_kernel_plans_are_registered():
+    """Every kernel the launcher can pick (version, dtype, head_dim, masked) is a registered instantiation
+    (compiled by tests/test_cuda_compile.py) and fits the 227 KB of shared memory one block may take; v4
+    (32 query rows per warp) keeps two blocks per SM at every head dim."""
+    registered = set(A._instantiations())
+    for version in A.VERSIONS:
+        for dtype in (F16, F32):
+            for d in (*TC_DIMS, 80, 1, 200, 256):
+                if not A._can_run(version, dtype, d):
+                    continue
+                for masked in (False, True):
+                    assert A._expr(version, dtype, d, masked) in registered
+                    assert A._smem_bytes(version, d, masked) <= 227 * 1024
+                    if version == 4:
+                        assert A._smem_bytes(version, d, masked) <= 113 * 1024
+                        assert A._block_rows(4) == 128 and A._threads(4) == 128
+    assert 4 in A.VERSIONS and all(A._can_run(4, F16, d) for d in TC_DIMS)
+    assert not A._can_run(4, F32, 64) and not A._can_run(4, F16, 80)
+
+
 # ---- GPU ---------------------------------------------------------------------------------------------------
 
 
@@ -592,6 +612,32 @@ def test_gpu_scale_and_default_version(cp, rng):
         cp.asarray(q), cp.asarray(k), cp.asarray(v), causal=True, scale=0.05, return_lse=True
     )
     check_gpu(out, lse, want_out, want_lse, v, F16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d", TC_DIMS)
+@pytest.mark.parametrize("scale", [-0.2, 0.6])
+@pytest.mark.parametrize("causal", [False, True])
+def test_gpu_scale_signs(cp, d, scale, causal):
+    """Every float16 version at a negative scale (v4 then scales each score before the row max instead of
+    scaling the raw max) and a large one (the running max keeps moving: O is rescaled on many tiles),
+    over several key tiles, GQA packed, with chunked-prefill alignment."""
+    b, sq, sk, hq, hk = 1, 301, 517, 4, 2
+    key = ("scale-signs", d, scale, causal)
+    rng = np.random.default_rng(zlib.crc32(repr(key).encode()))
+    q, k, v = padded_inputs(rng, b, sq, sk, hq, hk, d, F16)
+    want_out, want_lse = naive_padded(q, k, v, causal, scale)
+    for ver in versions_for(F16, d):
+        out, lse = attention(
+            cp.asarray(q),
+            cp.asarray(k),
+            cp.asarray(v),
+            causal=causal,
+            scale=scale,
+            return_lse=True,
+            version=ver,
+        )
+        check_gpu(out, lse, want_out, want_lse, v, F16, f" v{ver}")
 
 
 @pytest.mark.gpu

@@ -312,6 +312,8 @@ def test_split_rule():
     assert pa.choose_num_splits(8 * 32, 32768, sms) == 1
     assert pa.choose_num_splits(1, 1024, sms) == 4  # >= 256 positions per split
     assert pa.choose_num_splits(1, 100, sms) == 1
+    assert pa.choose_num_splits(8 * 4, 32768, sms, ctas_per_sm=3) == 12  # the rule follows the residency
+    assert pa.choose_num_splits(200, 32768, sms, ctas_per_sm=3) == 1
     for splits, tokens, tile in [(8, 32768, 64), (3, 1000, 64), (5, 16, 32), (1, 4097, 64), (64, 128, 64)]:
         n, per = pa.split_layout(splits, tokens, tile)
         assert 1 <= n <= splits and per * n >= tokens and per * (n - 1) < tokens
@@ -323,14 +325,24 @@ def test_every_plan_is_registered():
     for dtype in (F16, F32):
         for head_dim in range(8, 257, 8):
             for rows in (1, 2, 3, 4, 5, 8, 9, 16, 24, 32, 33, 128):
-                for version in (1, 2):
+                for version in (1, 2, 3):
                     plan = pa._plan(version, dtype, head_dim, rows)
                     if plan is None:
-                        assert version == 2 and (dtype == F32 or head_dim > 128)
+                        assert version in (2, 3) and (dtype == F32 or head_dim > 128)
                         continue
                     assert plan.expr in registered
                     assert plan.smem <= 227 * 1024
-    assert pa._default_version(F16, 128) == 2 and pa._default_version(F16, 136) == 1
+                    if version in (2, 3):
+                        # 2 CTAs per SM on an H100 (228 KB per SM, 1 KB reserved per CTA)
+                        assert 2 * (plan.smem + 1024) <= 228 * 1024
+                        assert plan.tile % 64 == 0  # v3's 16-token tiles never straddle a split
+    for head_dim in (64, 96, 128):
+        for stages in pa._V3_STAGE_CHOICES:
+            plan = pa._plan(3, F16, head_dim, 8, stages)
+            assert plan.expr in registered
+            # 2 stages: 3 CTAs per SM (the kernel's launch bound) must fit the H100's 228 KB
+            assert (3 if stages == 2 else 2) * (plan.smem + 1024) <= 228 * 1024
+    assert pa._default_version(F16, 128) == 3 and pa._default_version(F16, 136) == 1
     assert pa._default_version(F32, 64) == 1
 
 
@@ -357,7 +369,7 @@ def _run_gpu(cp, case, dtype, **kwargs):
 @pytest.mark.parametrize("block_size", [8, 16, 128])
 @pytest.mark.parametrize("ratio", [1, 4, 8])
 @pytest.mark.parametrize("head_dim", [64, 96, 128, 80])
-@pytest.mark.parametrize(("version", "dtype"), [(1, F16), (1, F32), (2, F16)])
+@pytest.mark.parametrize(("version", "dtype"), [(1, F16), (1, F32), (2, F16), (3, F16)])
 def test_gpu_matches_reference(cp, rng, version, dtype, head_dim, ratio, block_size, q_len):
     case = Case(
         rng,
@@ -376,7 +388,7 @@ def test_gpu_matches_reference(cp, rng, version, dtype, head_dim, ratio, block_s
 @pytest.mark.gpu
 @pytest.mark.parametrize("ratio", [1, 8])
 @pytest.mark.parametrize("num_splits", [1, 3, None])
-@pytest.mark.parametrize(("version", "dtype"), [(1, F16), (1, F32), (2, F16)])
+@pytest.mark.parametrize(("version", "dtype"), [(1, F16), (1, F32), (2, F16), (3, F16)])
 def test_gpu_splits(cp, rng, version, dtype, num_splits, ratio):
     case = Case(
         rng,
@@ -404,7 +416,7 @@ def test_gpu_other_head_dims(cp, rng, dtype, head_dim):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("version", [1, 2, 3])
 def test_gpu_large_groups_use_row_chunks(cp, rng, version):
     # 16 q heads per kv head x 3 tokens = 48 rows: several row chunks per kv head
     case = Case(rng, [3, 40, 129], q_len=3, q_heads=32, kv_heads=2, head_dim=64, block_size=32, dtype=F16)
@@ -412,7 +424,7 @@ def test_gpu_large_groups_use_row_chunks(cp, rng, version):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("version", [1, 2, 3])
 def test_gpu_strided_views_and_scale(cp, rng, version):
     case = Case(rng, [33, 5], q_len=1, q_heads=8, kv_heads=2, head_dim=64, block_size=16, dtype=F16)
     q, k, v, tables, ctx = case.args(cp)
@@ -422,6 +434,42 @@ def test_gpu_strided_views_and_scale(cp, rng, version):
         packed[:, :, 0], kv[:, 0], kv[:, 1], tables.astype(cp.int64), ctx, scale=0.3, version=version
     )
     assert_close(got, case.ref(0.3), F16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("stages", [2, 3])
+@pytest.mark.parametrize("block_size", [8, 16, 32, 64, 128])
+@pytest.mark.parametrize("num_splits", [1, 2, 5])
+def test_gpu_v3_block_sizes_and_splits(cp, rng, monkeypatch, block_size, num_splits, stages):
+    # v3 reads two block ids per 16-token tile (tokens 0-7, 8-15) and gives each warp every 4th tile:
+    # contexts shorter than one tile per warp, tile and block edges, every block size, split edges; both
+    # compiled pipeline depths (2 stages re-reads Q from shared memory)
+    monkeypatch.setattr(pa, "_V3_STAGES", stages)
+    case = Case(
+        rng,
+        [0, 1, 15, 16, 17, 63, 64, 65, 129, 700, 1500],
+        q_len=2,
+        q_heads=16,
+        kv_heads=4,
+        head_dim=128,
+        block_size=block_size,
+        dtype=F16,
+    )
+    assert_close(_run_gpu(cp, case, F16, version=3, num_splits=num_splits), case.ref(), F16)
+
+
+@pytest.mark.gpu
+def test_gpu_v3_large_token_stride_copies(cp, rng, monkeypatch):
+    # v3 keeps in-block token offsets in 32 bits; a cache view whose token stride passes the limit gets a
+    # compact copy (the limit is lowered here so that a small view exercises the path)
+    case = Case(rng, [40, 17], q_len=1, q_heads=8, kv_heads=2, head_dim=64, block_size=16, dtype=F16)
+    q, k, v, tables, ctx = case.args(cp)
+    wide_k = cp.zeros((*k.shape[:-1], 128), k.dtype)
+    wide_v = cp.zeros_like(wide_k)
+    wide_k[..., :64], wide_v[..., :64] = k, v
+    monkeypatch.setattr(pa, "_V3_MAX_TOKEN_STRIDE", 2 * 64 + 1)  # compact stride 128 passes, 256 does not
+    got = pa.paged_attention(q, wide_k[..., :64], wide_v[..., :64], tables, ctx, version=3)
+    assert_close(got, case.ref(), F16)
 
 
 @pytest.mark.gpu
@@ -435,8 +483,9 @@ def test_gpu_zero_sizes(cp, rng):
 @pytest.mark.gpu
 def test_gpu_refusals(cp, rng):
     q, k, v, tables, ctx = Case(rng, [3], q_len=1, dtype=F32).args(cp)
-    with pytest.raises(ValueError, match="version=2 runs float16"):
-        pa.paged_attention(q, k, v, tables, ctx, version=2)
+    for version in (2, 3):
+        with pytest.raises(ValueError, match=f"version={version} runs float16"):
+            pa.paged_attention(q, k, v, tables, ctx, version=version)
     big = cp.zeros((1, 1, 2, 264), cp.float16)
     cache = cp.zeros((1, 8, 2, 264), cp.float16)
     with pytest.raises(ValueError, match="head_dim <= 256"):

@@ -19,8 +19,11 @@ import rawformer  # noqa: F401  (importing the ops registers every kernel family
 from rawformer.kernels import modules
 
 NVCC = shutil.which("nvcc")
-# family -> what the names of its tensor-core instantiations contain
-TENSOR_CORE = {"attention": "attention_v2<", "paged_attention": "paged_attention_v2<"}
+# family -> the kernel templates that run on tensor cores
+TENSOR_CORE = {
+    "attention": ("attention_v2<", "attention_v4<"),
+    "paged_attention": ("paged_attention_v2<", "paged_attention_v3<"),
+}
 
 
 def _nvdisasm() -> str | None:
@@ -37,9 +40,9 @@ def _nvdisasm() -> str | None:
 NVDISASM = _nvdisasm()
 CASES = [
     (family, expr)
-    for family, marker in TENSOR_CORE.items()
+    for family, markers in TENSOR_CORE.items()
     for expr in modules.registered_families().get(family, [])
-    if marker in expr
+    if expr.startswith(markers)
 ]
 
 

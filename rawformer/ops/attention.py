@@ -27,6 +27,9 @@ Kernel selection (cuda_src/attention.cu describes the versions):
     everything else                      v1: SIMT flash kernel (fp32 tiles in shared memory); head dims
                                          not in _V1_DIMS are zero-padded to the next one
     version=3                            the v2 kernel with 8 warps (BM = 128), for benchmarks
+    version=4                            FlashAttention-2 layout: 4 warps x 32 query rows (BM = 128), every
+                                         K / V fragment feeds two mma's; K and V waited for separately
+                                         (float16, head_dim in {64, 96, 128}; BN from _V4_BN)
 GQA: with q_heads / kv_heads = G > 1 the launcher folds the G q heads of a kv head into the row tile
 (pack = G), so every K/V tile is loaded once per group.
 """
@@ -49,7 +52,7 @@ from rawformer.ops._checks import adopt_optional, check_version, f64, finish
 __all__ = ["attention", "attention_ref"]
 
 _FAMILY = "attention"
-VERSIONS = (1, 2, 3)
+VERSIONS = (1, 2, 3, 4)
 LOG2E = 1.4426950408889634
 _NULL = np.uintp(0)  # a null device pointer, passed by value like any 8-byte scalar
 
@@ -60,6 +63,12 @@ _V1_BM, _V1_BN, _V1_THREADS = 16, 32, 128
 # v2 / v3: (warps per block, keys per tile); head dims with a tensor-core instantiation.
 _V2_DIMS = (64, 96, 128)
 _V2_CONFIG = {2: (4, 64), 3: (8, 64)}
+# v4: 4 warps x 32 rows (attention_v4 in attention.cu); keys per tile by (head_dim, masked): the largest BN
+# whose instantiation fits 255 registers without spills (ptxas, sm_80 and sm_90). Shared memory
+# 2 * D * (128 + 4 * BN) bytes: 96 KB at D = 128, BN = 64 (two blocks per SM).
+_V4_BM, _V4_THREADS = 128, 128
+_V4_BN = {(64, False): 64, (96, False): 64, (128, False): 64, (64, True): 64, (96, True): 32, (128, True): 32}
+_DEFAULT_TC_VERSION = 2  # the tensor-core version run when version=None (set from the H100 measurements)
 _PACK_GQA = True  # fold the q heads of a GQA group into the row tile (K/V read once per group)
 _MAX_GRID_YZ = 65535
 _REF_CHUNK_BYTES = 1 << 30  # the reference works on query-row chunks whose float64 scores fit this
@@ -163,23 +172,31 @@ def _expr(version: int, dtype: Any, d: int, masked: bool) -> str:
     if version == 1:
         t = "__half" if np.dtype(dtype) == np.float16 else "float"
         return f"attention_v1<{t}, {_v1_dim(d)}>"
+    if version == 4:
+        return f"attention_v4<{d}, {_V4_BN[d, masked]}, {cpp_bool(masked)}>"
     warps, bn = _V2_CONFIG[version]
     return f"attention_v2<{d}, {warps}, {bn}, {cpp_bool(masked)}>"
 
 
 def _block_rows(version: int) -> int:
+    if version == 4:
+        return _V4_BM
     return _V1_BM if version == 1 else 16 * _V2_CONFIG[version][0]
 
 
 def _threads(version: int) -> int:
+    if version == 4:
+        return _V4_THREADS
     return _V1_THREADS if version == 1 else 32 * _V2_CONFIG[version][0]
 
 
-def _smem_bytes(version: int, d: int) -> int:
-    """Dynamic shared memory of the kernel (the same formulas as v1_smem_bytes / v2_smem_bytes)."""
+def _smem_bytes(version: int, d: int, masked: bool) -> int:
+    """Dynamic shared memory of the kernel (the same formulas as v1/v2/v4_smem_bytes in attention.cu)."""
     if version == 1:
         dp = _v1_dim(d)
         return 4 * (_V1_BM * dp + 2 * _V1_BN * (dp + 1) + _V1_BM * _V1_BN)
+    if version == 4:
+        return 2 * d * (_V4_BM + 4 * _V4_BN[d, masked])
     warps, bn = _V2_CONFIG[version]
     return 2 * d * (16 * warps + 4 * bn)
 
@@ -367,8 +384,9 @@ def attention(
     return_lse : also return lse float32 (batch, q_heads, seq_q), or (q_heads, total_q) for varlen.
     out : optional array of q's shape, dtype and device to write into.
     impl : None / "cuda" for GPU arrays (there is no Numba prefill kernel).
-    version : 1 (SIMT), 2 (tensor cores, float16, D in {64, 96, 128}) or 3 (v2 with 8 warps); default: 2
-        where it applies, else 1.
+    version : 1 (SIMT), 2 (tensor cores, float16, D in {64, 96, 128}), 3 (v2 with 8 warps) or 4 (32 query
+        rows per warp, FlashAttention-2 layout; float16, D in {64, 96, 128}); default: the tensor-core
+        version _DEFAULT_TC_VERSION where it applies, else 1.
 
     Returns
     -------
@@ -479,7 +497,8 @@ def _run_gpu(
             lse.fill(-np.inf)
         return res
 
-    chosen = version if version is not None else (2 if _can_run(2, q.dtype, d) else 1)
+    default_tc = _DEFAULT_TC_VERSION
+    chosen = version if version is not None else (default_tc if _can_run(default_tc, q.dtype, d) else 1)
     q, k, v = _last_contiguous(q), _last_contiguous(k), _last_contiguous(v)
     if chosen != 1:  # cp.async moves 16-byte rows pieces: copy operands that are not 16-byte aligned
         q, k, v = (a if _aligned16(a) else cp.ascontiguousarray(a) for a in (q, k, v))
@@ -532,7 +551,7 @@ def _run_gpu(
     bytes_moved = q.nbytes + k.nbytes + v.nbytes + target.nbytes
     launch(
         get_function(_FAMILY, expr), grid, (_threads(chosen),), args,
-        shared_mem=_smem_bytes(chosen, d), bytes_moved=bytes_moved,
+        shared_mem=_smem_bytes(chosen, d, mask is not None), bytes_moved=bytes_moved,
     )  # fmt: skip
     if dk != d:
         return cp.ascontiguousarray(target[..., :d])

@@ -21,19 +21,24 @@ kernels of cuda_src/paged_attention.cu (impl="cuda") or the Numba kernel (impl="
 array interface inputs are viewed as one of the two.
 
 Kernel selection (impl="cuda"; the header of paged_attention.cu describes the versions):
-    float16, head_dim <= 128       v2 (tensor cores; head dim bucket 64 / 96 / 128, zero-padded)
+    float16, head_dim <= 128       v3 (tensor cores, a cp.async pipeline per warp; head dim bucket
+                                   64 / 96 / 128, zero-padded). v2 (tensor cores, one pipeline per CTA)
+                                   takes the same inputs with version=2.
     otherwise                      v1 (SIMT; head dim bucket 32 / 64 / 96 / 128 / 192 / 256)
-Query rows per CTA: v2 16 (group heads x q_len, padded), v1 the smallest of 1 / 4 / 8 / 16 / 32 that holds
-them; larger groups are cut into row chunks (extra CTAs, each reading the K/V again, mostly from L2).
+Query rows per CTA: v2 / v3 16 (group heads x q_len, padded), v1 the smallest of 1 / 4 / 8 / 16 / 32 that
+holds them; larger groups are cut into row chunks (extra CTAs, each reading the K/V again, mostly from L2).
 
-Split-KV. num_splits=None picks a count from the grid: with C = num_seqs x kv_heads x row chunks CTAs and
-S streaming multiprocessors, no split when C >= S; else floor(2 S / C) splits (about 2 CTAs per SM, one
-wave), at most max_tokens / 256 so that each split keeps at least 256 positions. max_tokens =
-max_blocks_per_seq x block_size (the table's width: known on the host without reading context_lens).
-A requested num_splits is capped at 1024. Splits cover fixed position ranges [i T, (i + 1) T) with
-T = ceil(max_tokens / splits) rounded up to the kernel's tile, so the count actually launched is
-ceil(max_tokens / T). More than one split writes float32
-partial outputs + base-2 log-sum-exps and runs the combine kernel.
+Split-KV. num_splits=None picks a count from the grid: with C = num_seqs x kv_heads x row chunks CTAs, S
+streaming multiprocessors and k CTAs per SM (v3: as many as are resident, from its registers and shared
+memory: 2 at head dim 128, where 109 KB of shared memory per CTA decides, 3 at 64; v1 / v2: 2, the value
+they were measured with), no split when C >= S (every SM already streams: one resident CTA of v3 keeps
+4 warps x 3 tiles of 8 KB in flight at head dim 128); else floor(k S / C) splits
+(about k CTAs per SM, one wave), at most max_tokens / 256 so that each split keeps at least 256
+positions. max_tokens = max_blocks_per_seq x block_size (the table's width: known on the host without
+reading context_lens). A requested num_splits is capped at 1024. Splits cover fixed position ranges
+[i T, (i + 1) T) with T = ceil(max_tokens / splits) rounded up to the kernel's split granule (64
+positions for v2 / v3, the tile for v1), so the count actually launched is ceil(max_tokens / T). More
+than one split writes float32 partial outputs + base-2 log-sum-exps and runs the combine kernel.
 
 Debug (debug=True, default from RAWFORMER_DEBUG=1): before the attention kernel a check kernel verifies
 every block id in use (block_tables[s, :ceil(context_lens[s] / block_size)]) is in [0, num_blocks), that
@@ -55,14 +60,14 @@ from rawformer import backend
 from rawformer.arrays import adopt
 from rawformer.kernels import cuda_type, get_function, launch, register_family
 from rawformer.kernels.launch import debug_enabled, i32
-from rawformer.kernels.occupancy import device_limits
+from rawformer.kernels.occupancy import device_limits, resident_blocks
 from rawformer.ops import _checks
 from rawformer.ops._checks import adopt_optional, check_version, f64, finish
 
 __all__ = ["choose_num_splits", "paged_attention", "paged_attention_ref"]
 
 _FAMILY = "paged_attention"
-VERSIONS = (1, 2)
+VERSIONS = (1, 2, 3)
 BLOCK_SIZES = (8, 16, 32, 64, 128)
 LOG2E = 1.4426950408889634
 INT32_MAX = 2**31 - 1
@@ -78,6 +83,16 @@ _V2_ROWS = 16  # kMmaRows
 _V2_TILE = 64  # kTile: tokens per pipeline stage
 _V2_STAGES = 3
 _V2_WARPS = 4
+# v3's per-warp pipeline depth (tiles of 16 tokens). 3: 109 KB of shared memory at head dim 128, 2 CTAs per
+# SM, 24 tiles (192 KB) in flight per SM. 2: 75 KB, Q re-read from shared memory, launch bound of 3 CTAs
+# per SM (168 registers), also 24 tiles in flight, finer waves. Both are compiled; set this to compare.
+_V3_STAGES = 3
+_V3_STAGE_CHOICES = (2, 3)
+_V3_WARP_TILE = 16  # kWarpTile
+_V3_SPLIT_GRANULE = 64  # split ranges are multiples of this: tiles never straddle a split
+_V3_MAX_TOKEN_STRIDE = 2**27  # v3 computes in-block token offsets in 32 bits
+_MAX_GRID_X = 2**31 - 1
+_CTAS_PER_SM = 2  # resident CTAs per SM of every version at the shapes that matter (see the docstring)
 _MAX_HEAD_DIM = 256
 _MIN_SPLIT_TOKENS = 256  # auto split: every split keeps at least this many positions
 _MAX_GRID_YZ = 65535
@@ -160,11 +175,15 @@ class _Plan:
     __slots__ = ("expr", "rows", "tile", "smem")
 
     def __init__(self, expr: str, rows: int, tile: int, smem: int) -> None:
+        # tile: the split granule (split ranges are whole multiples of it)
         self.expr, self.rows, self.tile, self.smem = expr, rows, tile, smem
 
 
-def _plan(version: int, dtype: Any, head_dim: int, rows_total: int) -> _Plan | None:
-    """The kernel of `version` for this dtype / head_dim / query rows per kv head, or None if it cannot."""
+def _plan(
+    version: int, dtype: Any, head_dim: int, rows_total: int, v3_stages: int | None = None
+) -> _Plan | None:
+    """The kernel of `version` for this dtype / head_dim / query rows per kv head, or None if it cannot
+    (v3_stages: v3's pipeline depth, default _V3_STAGES)."""
     dtype = np.dtype(dtype)
     t = cuda_type(dtype)
     if version == 1:
@@ -185,19 +204,31 @@ def _plan(version: int, dtype: Any, head_dim: int, rows_total: int) -> _Plan | N
             2 * _V2_WARPS * _V2_ROWS + 2 * _V2_ROWS
         ) * 4
         return _Plan(f"paged_attention_v2<{t}, {hd}, {_V2_STAGES}>", _V2_ROWS, _V2_TILE, smem)
+    if version == 3:
+        hd = _bucket(head_dim, _V2_HEAD_DIMS)
+        if dtype != np.float16 or hd is None:
+            return None
+        ks = hd + 8
+        stages = _V3_STAGES if v3_stages is None else v3_stages
+        smem = (_V2_WARPS * stages * 2 * _V3_WARP_TILE * ks + _V2_ROWS * ks) * 2 + (
+            2 * _V2_WARPS * _V2_ROWS + 2 * _V2_ROWS
+        ) * 4
+        return _Plan(f"paged_attention_v3<{t}, {hd}, {stages}>", _V2_ROWS, _V3_SPLIT_GRANULE, smem)
     raise ValueError(f"no paged_attention version {version}")
 
 
 def _default_version(dtype: Any, head_dim: int) -> int:
-    return 2 if np.dtype(dtype) == np.float16 and head_dim <= _V2_HEAD_DIMS[-1] else 1
+    return 3 if np.dtype(dtype) == np.float16 and head_dim <= _V2_HEAD_DIMS[-1] else 1
 
 
-def choose_num_splits(ctas: int, max_tokens: int, sms: int) -> int:
-    """Auto split count: 1 when the `ctas` CTAs of one pass already cover the `sms` SMs; else about two
-    CTAs per SM in one wave (floor(2 sms / ctas)), keeping >= 256 positions per split."""
+def choose_num_splits(ctas: int, max_tokens: int, sms: int, ctas_per_sm: int = _CTAS_PER_SM) -> int:
+    """Auto split count: 1 when the `ctas` CTAs of one pass already cover the `sms` SMs (a second wave, or
+    the combine pass, costs more than the SMs left idle: measured with v2 at 256 CTAs on 132 SMs, 2 splits
+    were 5% slower); else about `ctas_per_sm` CTAs per SM in one wave (floor(ctas_per_sm * sms / ctas)),
+    keeping >= 256 positions per split."""
     if ctas <= 0 or max_tokens <= 0 or ctas >= sms:
         return 1
-    return max(1, min((2 * sms) // ctas, max_tokens // _MIN_SPLIT_TOKENS))
+    return max(1, min((ctas_per_sm * sms) // ctas, max_tokens // _MIN_SPLIT_TOKENS))
 
 
 def split_layout(num_splits: int, max_tokens: int, tile: int) -> tuple[int, int]:
@@ -218,6 +249,8 @@ def _instantiations() -> list[str]:
                 exprs.append(_plan(1, dtype, hd, rows).expr)  # type: ignore[union-attr]
     for hd in _V2_HEAD_DIMS:
         exprs.append(_plan(2, np.float16, hd, 1).expr)  # type: ignore[union-attr]
+        for stages in _V3_STAGE_CHOICES:
+            exprs.append(_plan(3, np.float16, hd, 1, stages).expr)  # type: ignore[union-attr]
     for dtype in _checks.GPU_DTYPES:
         exprs.append(f"paged_attention_combine<{cuda_type(dtype)}>")
     exprs.append(f"paged_attention_check_tables<{_CHECK_THREADS}>")
@@ -404,7 +437,8 @@ def paged_attention(
     debug : check the block tables first (default: RAWFORMER_DEBUG=1)
     out : optional array of q's shape, dtype and device to write into
     impl : None / "cuda" or "numba" for GPU arrays
-    version : CUDA kernel version 1 (SIMT) or 2 (tensor cores, float16, head_dim <= 128)
+    version : CUDA kernel version 1 (SIMT), 2 or 3 (tensor cores, float16, head_dim <= 128; 3 is the
+        default there)
 
     Returns
     -------
@@ -460,10 +494,10 @@ def paged_attention(
     _checks.check_out(out_arr, "out", q)
     which = _checks.check_impl(impl, q)
     check_version(version, VERSIONS, which)
-    if version == 2 and (q.dtype != np.float16 or head_dim > _V2_HEAD_DIMS[-1]):
+    if version in (2, 3) and (q.dtype != np.float16 or head_dim > _V2_HEAD_DIMS[-1]):
         raise ValueError(
-            f"paged_attention: version=2 runs float16 with head_dim <= {_V2_HEAD_DIMS[-1]}; got {q.dtype}, "
-            f"head_dim {head_dim}"
+            f"paged_attention: version={version} runs float16 with head_dim <= {_V2_HEAD_DIMS[-1]}; got "
+            f"{q.dtype}, head_dim {head_dim}"
         )
     if which != "numpy" and head_dim > _MAX_HEAD_DIM:
         raise ValueError(f"paged_attention: the GPU kernels take head_dim <= {_MAX_HEAD_DIM}, got {head_dim}")
@@ -500,6 +534,7 @@ def paged_attention(
             ctx,
             result,
             scale_v,
+            num_splits=num_splits,
         )
         return finish(result, out_arr, out, give_back)
 
@@ -513,20 +548,37 @@ def paged_attention(
         q = _padded(q, kdim)
 
     chosen = version if version is not None else _default_version(q.dtype, head_dim)
+    if chosen == 3 and max(k_cache.strides[1], v_cache.strides[1]) // q.itemsize >= _V3_MAX_TOKEN_STRIDE:
+        # v3 keeps in-block token offsets in 32 bits: a view with a huge token stride gets a compact copy
+        k_cache, v_cache = _padded(k_cache, kdim), _padded(v_cache, kdim)
+        if k_cache.strides[1] // q.itemsize >= _V3_MAX_TOKEN_STRIDE:
+            raise ValueError(
+                f"paged_attention: version=3 needs kv_heads x head_dim < {_V3_MAX_TOKEN_STRIDE}; "
+                "use version=2"
+            )
     group = q_heads // kv_heads
     plan = _plan(chosen, q.dtype, kdim, group * q_len)
-    if plan is None:  # version=2 was refused above; v1 takes every head_dim <= 256
+    if plan is None:  # version=2 / 3 were refused above; v1 takes every head_dim <= 256
         raise ValueError(f"paged_attention: version={chosen} cannot take head_dim {head_dim}")
     chunks = -(-(group * q_len) // plan.rows)
-    if kv_heads * chunks > _MAX_GRID_YZ:
+    if chosen == 3:  # 1-D grid over (sequence, kv head, row chunk)
+        if num_seqs * kv_heads * chunks > _MAX_GRID_X:
+            raise ValueError(
+                f"paged_attention: {num_seqs} sequences x {kv_heads} kv heads x {chunks} row chunks exceed "
+                "the grid limit"
+            )
+    elif kv_heads * chunks > _MAX_GRID_YZ:
         raise ValueError(f"paged_attention: {kv_heads} kv heads x {chunks} row chunks exceed the grid limit")
     max_tokens = width * block_size
-    sms = device_limits().sms
-    wanted = (
-        num_splits
-        if num_splits is not None
-        else choose_num_splits(num_seqs * kv_heads * chunks, max_tokens, sms)
-    )
+    kernel = get_function(_FAMILY, plan.expr)
+    wanted = num_splits
+    if wanted is None:
+        limits = device_limits()
+        # v3 aims at its own resident CTAs per SM (2 at head dim 128, 3 at 64 with 3 stages: shared memory
+        # and registers decide);
+        # v1 / v2 keep the 2 they were measured with
+        per_sm = resident_blocks(kernel, _THREADS, plan.smem, limits) if chosen == 3 else _CTAS_PER_SM
+        wanted = choose_num_splits(num_seqs * kv_heads * chunks, max_tokens, limits.sms, per_sm)
     splits, split_tokens = split_layout(min(int(wanted), _MAX_SPLITS), max_tokens, plan.tile)
 
     in_place = (
@@ -548,9 +600,10 @@ def paged_attention(
     moved = None
     if debug_enabled():
         moved = 2 * int(cp.sum(ctx, dtype=np.int64)) * kv_heads * head_dim * item + 2 * q.size * item
+    grid = (num_seqs * kv_heads * chunks, splits, 1) if chosen == 3 else (num_seqs, kv_heads * chunks, splits)
     launch(
-        get_function(_FAMILY, plan.expr),
-        (num_seqs, kv_heads * chunks, splits),
+        kernel,
+        grid,
         (_THREADS,),
         (
             q,

@@ -31,13 +31,15 @@ activations:
     swiglu_forward(gate, up, y)                     y = silu(gate) * up
     swiglu_backward(dy, gate, up, dgate, dup)
 paged_attention:
-    paged_attention_forward(q, k_cache, v_cache, block_tables, context_lens, out, scale)
+    paged_attention_forward(q, k_cache, v_cache, block_tables, context_lens, out, scale, num_splits=None)
         q, out: (num_seqs, q_len, q_heads, head_dim); k_cache, v_cache: (num_blocks, block_size, kv_heads,
         head_dim) token-major blocks, block_size in 8..128 (powers of two); kv_heads divides q_heads.
         block_tables int32 (num_seqs, max_blocks), context_lens int32 (num_seqs,) including the q_len new
         tokens. Query token t of sequence s (position context_lens[s] - q_len + t) attends causally to cache
-        positions 0..its position: out = softmax(scale * q K^T) V; context 0 gives zeros. One pass, no
-        split-KV; one CTA per (sequence, kv head) for the whole GQA group (`forward_plan` / `run_forward`).
+        positions 0..its position: out = softmax(scale * q K^T) V; context 0 gives zeros. One CTA per
+        (sequence, kv head, split) for the whole GQA group (`forward_plan` / `run_forward`); num_splits None
+        picks split-KV when the (sequence, kv head) CTAs are few against the SMs (float32 partials + a
+        log-sum-exp combine kernel), 1 forces one pass.
 
 How the modules are built (beyond the contract):
     _numba.py       the one import site of numba / numba.cuda (NumPy 2.5 `row_stack` workaround first; a
