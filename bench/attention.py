@@ -137,18 +137,26 @@ def prefill_inputs(cp: Any, seed: int, batch: int, seq: int, heads: int, dim: in
 
 
 def decode_inputs(
-    cp: Any, seed: int, batch: int, ctx: int, heads: int, kv_heads: int, dim: int, bs: int
+    cp: Any,
+    seed: int,
+    batch: int,
+    ctx: int,
+    heads: int,
+    kv_heads: int,
+    dim: int,
+    bs: int,
+    shuffle: bool = True,
 ) -> dict:
     """A paged cache holding `batch` sequences of `ctx` tokens in shuffled blocks, their block tables and
-    context lengths, one new query token per sequence, and the same K/V laid out contiguously for torch."""
+    context lengths, one new query token per sequence, and the same K/V laid out contiguously for torch.
+    shuffle=False gives every sequence consecutive blocks (the cache is then one contiguous tensor)."""
     rs = cp.random.RandomState(seed)
     per_seq = -(-ctx // bs)
     num_blocks = batch * per_seq
     k_cache = rs.standard_normal((num_blocks, bs, kv_heads, dim), dtype=cp.float32).astype(cp.float16)
     v_cache = rs.standard_normal((num_blocks, bs, kv_heads, dim), dtype=cp.float32).astype(cp.float16)
-    tables = cp.asarray(np.random.default_rng(seed).permutation(num_blocks).astype(np.int32)).reshape(
-        batch, per_seq
-    )
+    order = np.random.default_rng(seed).permutation(num_blocks) if shuffle else np.arange(num_blocks)
+    tables = cp.asarray(order.astype(np.int32)).reshape(batch, per_seq)
     q = rs.standard_normal((batch, 1, heads, dim), dtype=cp.float32).astype(cp.float16)
     return {
         "q": q,

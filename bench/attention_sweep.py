@@ -60,25 +60,27 @@ def _line(what: str, nbytes: float, flops: float, timing) -> None:
     )
 
 
-def sweep_decode(cp, rf, torch, clock, reps: int, l2: int) -> None:
+def sweep_decode(cp, rf, torch, clock, reps: int, l2: int, split_counts=(None, 1, 2, 4, 8, 16)) -> None:
     paged = importlib.import_module("rawformer.ops.paged_attention")
     default_stages = paged._V3_STAGES
     for name, (batch, ctx, heads, kv_heads, dim, _bs) in bench.DECODE_CONFIGS.items():
         kv_bytes = 2 * batch * ctx * kv_heads * dim * 2
         nbytes = kv_bytes + 2 * batch * heads * dim * 2
         flops = 4 * batch * heads * ctx * dim
-        for bs in (16, 64):
+        for bs, shuffle in ((16, True), (16, False), (64, True)):
             n_sets = harness.rotation_sets(kv_bytes, l2)
             sets = [
-                bench.decode_inputs(cp, 200 + i, batch, ctx, heads, kv_heads, dim, bs) for i in range(n_sets)
+                bench.decode_inputs(cp, 200 + i, batch, ctx, heads, kv_heads, dim, bs, shuffle)
+                for i in range(n_sets)
             ]
+            tag = f"bs{bs}" + ("" if shuffle else " in order")
             # (version, v3 pipeline stages): every variant the launcher can run for fp16
             variants = [(v, None) for v in paged.VERSIONS if v != 3] + [(3, 2), (3, 3)]
             for version, stages in variants:
                 if stages is not None:
                     paged._V3_STAGES = stages
                 label = f"v{version}" + (f"/{stages} stages" if stages else "")
-                for splits in (None, 1, 2, 4, 8, 16):
+                for splits in split_counts:
                     calls = [
                         (lambda a=a, v=version, s=splits: rf.paged_attention(
                             a["q"], a["k_cache"], a["v_cache"], a["tables"], a["context_lens"],
@@ -88,11 +90,11 @@ def sweep_decode(cp, rf, torch, clock, reps: int, l2: int) -> None:
                     try:
                         t = harness.time_calls(calls, clock, reps)
                     except Exception as exc:
-                        harness.log(f"{name} bs{bs} {label} splits {splits}: {type(exc).__name__}: {exc}")
+                        harness.log(f"{name} {tag} {label} splits {splits}: {type(exc).__name__}: {exc}")
                         continue
-                    _line(f"decode {name} bs{bs} {label} splits {splits or 'auto'}", nbytes, flops, t)
+                    _line(f"decode {name} {tag} {label} splits {splits or 'auto'}", nbytes, flops, t)
             paged._V3_STAGES = default_stages
-            if bs == 16:
+            if bs == 16 and shuffle:
                 for a in sets:
                     a["contiguous"] = bench.contiguous_kv(cp, a)
                 for backend in ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", None):
@@ -167,6 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--configs", help="comma list of decode/prefill config names (default: all)")
     p.add_argument("--once", choices=("decode", "prefill"))
     p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--splits", default="auto,1,2,4,8,16", help="decode split counts to sweep")
     args = p.parse_args(argv)
     cp = harness.require_gpu("bench/attention_sweep.py")
     import rawformer as rf
@@ -188,7 +191,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         read_ceiling(cp, clock, args.reps)
         cp.get_default_memory_pool().free_all_blocks()
     if "decode" in parts:
-        sweep_decode(cp, rf, torch, clock, args.reps, l2)
+        counts = [None if s == "auto" else int(s) for s in args.splits.split(",")]
+        sweep_decode(cp, rf, torch, clock, args.reps, l2, counts)
     if "prefill" in parts:
         sweep_prefill(cp, rf, torch, clock, args.reps, l2)
     return 0

@@ -68,7 +68,19 @@ _V2_CONFIG = {2: (4, 64), 3: (8, 64)}
 # 2 * D * (128 + 4 * BN) bytes: 96 KB at D = 128, BN = 64 (two blocks per SM).
 _V4_BM, _V4_THREADS = 128, 128
 _V4_BN = {(64, False): 64, (96, False): 64, (128, False): 64, (64, True): 64, (96, True): 32, (128, True): 32}
-_DEFAULT_TC_VERSION = 2  # the tensor-core version run when version=None (set from the H100 measurements)
+# The tensor-core version run when version=None, from the H100 sweeps (bench/results/h100/attention_sweep*):
+# v4 (32 query rows per warp) is 1.1-1.3x v2 without causal masking and on long causal sequences (8192:
+# 260 vs 246 TFLOP/s at D 64, 300 vs 277 at D 128), but at causal 1024 it loses (111 vs 185 at D 64, 165 vs
+# 210 at D 128): its 128-row tiles leave more of the diagonal to the masked path. Causal below this many
+# query rows therefore runs v2.
+_V4_CAUSAL_MIN_ROWS = 4096
+
+
+def _default_tc_version(causal: bool, seq_q: int) -> int:
+    """The tensor-core version for float16 inputs with D in {64, 96, 128} when version=None."""
+    return 2 if causal and seq_q < _V4_CAUSAL_MIN_ROWS else 4
+
+
 _PACK_GQA = True  # fold the q heads of a GQA group into the row tile (K/V read once per group)
 _MAX_GRID_YZ = 65535
 _REF_CHUNK_BYTES = 1 << 30  # the reference works on query-row chunks whose float64 scores fit this
@@ -385,8 +397,8 @@ def attention(
     out : optional array of q's shape, dtype and device to write into.
     impl : None / "cuda" for GPU arrays (there is no Numba prefill kernel).
     version : 1 (SIMT), 2 (tensor cores, float16, D in {64, 96, 128}), 3 (v2 with 8 warps) or 4 (32 query
-        rows per warp, FlashAttention-2 layout; float16, D in {64, 96, 128}); default: the tensor-core
-        version _DEFAULT_TC_VERSION where it applies, else 1.
+        rows per warp, FlashAttention-2 layout; float16, D in {64, 96, 128}); default: for float16 and
+        D in {64, 96, 128} version 4, or 2 when causal with fewer than 4096 query rows; else 1.
 
     Returns
     -------
@@ -497,7 +509,7 @@ def _run_gpu(
             lse.fill(-np.inf)
         return res
 
-    default_tc = _DEFAULT_TC_VERSION
+    default_tc = _default_tc_version(causal, s_q)
     chosen = version if version is not None else (default_tc if _can_run(default_tc, q.dtype, d) else 1)
     q, k, v = _last_contiguous(q), _last_contiguous(k), _last_contiguous(v)
     if chosen != 1:  # cp.async moves 16-byte rows pieces: copy operands that are not 16-byte aligned
