@@ -7,7 +7,14 @@ out = gen.generate(["Hello"], 64, temperature=0.8, top_p=0.95, seed=0, stop=["\\
 vectors = embed(bert_model, tokenizer, ["a sentence", "another one"])
 """
 
-from rawformer.runtime.cuda_graphs import DEFAULT_BUCKETS, CupyCapture, DecodeGraphs, GraphStats, bucket_for
+from rawformer.runtime.cuda_graphs import (
+    DEFAULT_BUCKETS,
+    CupyCapture,
+    DecodeGraphs,
+    GraphCaptureError,
+    GraphStats,
+    bucket_for,
+)
 from rawformer.runtime.generate import (
     Generation,
     GenerationResult,
@@ -32,6 +39,7 @@ __all__ = [
     "Generation",
     "GenerationResult",
     "Generator",
+    "GraphCaptureError",
     "GraphStats",
     "Sampler",
     "SamplingParams",

@@ -24,10 +24,15 @@ whose address does not change, and every host-side decision must be the same at 
   compiled and loaded, cuBLAS sets itself up, and the pool holds the blocks the capture will ask for.
   Running the step again is harmless: it rewrites the same K/V into the same slots.
 
-A graph is keyed by (bucket, W) and remembers the device addresses of the six input arrays; when the pool's
-step buffers move (they grow when a larger step, e.g. a big prefill, does not fit), every graph is dropped
-and recaptured on its next use (`invalidations` counts it). The eager path (`Generator(use_graphs=False)`)
-runs the same padded shapes, so both give the same tokens.
+A graph is keyed by (bucket, W) and remembers the device addresses of the six input arrays. The tokens
+view starts the pool's step buffer in every layout, so its address is the buffer's: when it changes (the
+buffer grows when a larger step, e.g. a big prefill, does not fit), or a graph's own input addresses differ,
+every graph is dropped and recaptured on its next use (`invalidations` counts it). The eager path
+(`Generator(use_graphs=False)`) runs the same padded shapes, so both give the same tokens.
+
+If a capture fails, DecodeGraphs.run raises GraphCaptureError (stats.error says why); the Generator warns
+once and runs the rest of its decode steps eagerly (same tokens, slower), so a capture problem shows up in
+the stats and the tests that count replays, not as a failed generation.
 
 Capture needs a stream other than the legacy default stream: the Generator runs its GPU work on its own
 non-blocking stream. RAWFORMER_DEBUG=1 (which synchronises around every launch) turns graphs off.
@@ -39,7 +44,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["DEFAULT_BUCKETS", "CupyCapture", "DecodeGraphs", "GraphStats", "bucket_for", "input_pointers"]
+__all__ = [
+    "DEFAULT_BUCKETS",
+    "CupyCapture",
+    "DecodeGraphs",
+    "GraphCaptureError",
+    "GraphStats",
+    "bucket_for",
+    "input_pointers",
+]
 
 DEFAULT_BUCKETS: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 INPUT_FIELDS = ("tokens", "positions", "slot_mapping", "cu_seqlens_q", "context_lens", "block_tables")
@@ -107,12 +120,17 @@ class CupyCapture:
             mempool.free_all_blocks()
 
 
+class GraphCaptureError(RuntimeError):
+    """A decode step could not be captured as a CUDA graph (the step itself may still run eagerly)."""
+
+
 @dataclass
 class GraphStats:
     captures: int = 0  # graphs captured (each also ran one eager warm-up step)
     replays: int = 0  # Graph.launch calls
     invalidations: int = 0  # times the step buffers moved and every graph was dropped
     keys: list[tuple[int, int]] = field(default_factory=list)  # (bucket, width) of the graphs held now
+    error: str | None = None  # why a capture failed (the Generator then runs its steps eagerly)
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -143,6 +161,7 @@ class DecodeGraphs:
         self.forward = forward
         self.backend = backend if backend is not None else CupyCapture()
         self._graphs: dict[tuple[int, int], _Captured] = {}
+        self._base: int | None = None
         self.stats = GraphStats()
 
     def run(self, batch: Any) -> Any:
@@ -152,13 +171,21 @@ class DecodeGraphs:
         key = (num_seqs, int(batch.block_tables.shape[1]))
         ptrs = input_pointers(batch)
         cap = self._graphs.get(key)
-        if cap is not None and cap.pointers != ptrs:
-            # the step buffers moved: every graph reads the old addresses
-            self.clear()
-            self.stats.invalidations += 1
+        # tokens sit at the start of the pool's step buffer in every layout: a new address there means the
+        # buffer moved (it grew), and every graph reads the old one
+        moved = self._base is not None and ptrs[0] != self._base
+        if moved or (cap is not None and cap.pointers != ptrs):
+            if self._graphs:
+                self.clear()
+                self.stats.invalidations += 1
             cap = None
+        self._base = ptrs[0]
         if cap is None:
-            graph, out, mempool = self.backend.capture(lambda: self.forward(batch))
+            try:
+                graph, out, mempool = self.backend.capture(lambda: self.forward(batch))
+            except Exception as exc:
+                self.stats.error = f"capture of (bucket, width) {key} failed: {type(exc).__name__}: {exc}"
+                raise GraphCaptureError(self.stats.error) from exc
             cap = _Captured(graph, out, mempool, ptrs)
             self._graphs[key] = cap
             self.stats.captures += 1

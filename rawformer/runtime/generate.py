@@ -31,10 +31,12 @@ shapes the graphs run, so the tokens are identical.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import os
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,7 +45,13 @@ import numpy as np
 
 from rawformer import backend
 from rawformer.memory import KVArena, KVPool, OutOfBlocks, SequenceTooLong
-from rawformer.runtime.cuda_graphs import DEFAULT_BUCKETS, DecodeGraphs, GraphStats, bucket_for
+from rawformer.runtime.cuda_graphs import (
+    DEFAULT_BUCKETS,
+    DecodeGraphs,
+    GraphCaptureError,
+    GraphStats,
+    bucket_for,
+)
 from rawformer.runtime.sampler import Sampler, SamplingParams
 
 __all__ = ["Generation", "GenerationResult", "Generator", "embed", "encode_prompts", "generate", "make_pool"]
@@ -278,8 +286,11 @@ class Generator:
         return self.model.forward(batch, self.arena)  # one token per sequence: (S, V)
 
     def _decode(self, batch: Any) -> Any:
-        if self.graphs is not None and self.pad:
-            return self.graphs.run(batch)
+        if self.graphs is not None and self.pad and self.graphs.stats.error is None:
+            try:
+                return self.graphs.run(batch)
+            except GraphCaptureError as exc:
+                warnings.warn(f"{exc}; decode steps run eagerly from now on", RuntimeWarning, stacklevel=3)
         return self._eager_step(batch)
 
     @property
@@ -365,7 +376,9 @@ class Generator:
             requests=n, prompt_tokens=sum(len(p) for p in ids), generated_tokens=0, prefill_forwards=0,
             decode_steps=0, prefill_s=0.0, decode_s=0.0, waves=0,
         )  # fmt: skip
-        ctx = self.stream if self.stream is not None else _nullcontext()
+        ctx = self.stream if self.stream is not None else contextlib.nullcontext()
+        if self.stream is not None:  # our stream starts after the caller's queued work (weights, arena)
+            self.stream.wait_event(self.xp.cuda.get_current_stream().record())
         with ctx:
             for start in range(0, n, self.max_batch):
                 wave = reqs[start : start + self.max_batch]
@@ -494,17 +507,12 @@ class Generator:
             stats["decode_steps"] += step
             stats["decode_s"] += time.perf_counter() - t1
         finally:
-            for sid in added:
-                if sid in pool:
-                    pool.free_sequence(sid)
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> bool:
-        return False
+            try:
+                sync()  # nothing of this wave is still running when the caller gets control back
+            finally:
+                for sid in added:
+                    if sid in pool:
+                        pool.free_sequence(sid)
 
 
 def generate(

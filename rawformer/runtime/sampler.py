@@ -129,8 +129,13 @@ def _softmax_rows(lg: Any) -> Any:
     return e / e.sum(axis=1, keepdims=True)
 
 
+def _rows(value: Any, shape: tuple[int]) -> np.ndarray:
+    """A scalar or per-row host value as a contiguous (S,) array (CuPy uploads it as one block)."""
+    return np.array(np.broadcast_to(value, shape))
+
+
 def _as_rows(xp: Any, value: Any, s: int, dtype: Any) -> Any:
-    return xp.asarray(np.broadcast_to(np.asarray(value, dtype=dtype), (s,)))
+    return xp.asarray(_rows(np.asarray(value, dtype=dtype), (s,)))
 
 
 def sampling_probs(
@@ -174,21 +179,21 @@ def sample_tokens(
     s, v = lg.shape
     if s == 0:
         return np.zeros(0, dtype=np.int64)
-    r = np.broadcast_to(np.asarray(repetition_penalty, dtype=np.float64), (s,))
+    r = _rows(np.asarray(repetition_penalty, dtype=np.float64), (s,))
     if seen is not None and bool(np.any(r != 1)):
         lg = apply_repetition_penalty(lg, xp.asarray(seen), xp.asarray(r.astype(lg.dtype)))
-    t_host = np.broadcast_to(np.asarray(temperature, dtype=np.float64), (s,))
+    t_host = _rows(np.asarray(temperature, dtype=np.float64), (s,))
     if bool(np.all(t_host == 0)):
         return np.asarray(backend.to_numpy(xp.argmax(lg, axis=1)), dtype=np.int64)
-    k_host = np.broadcast_to(np.asarray(top_k, dtype=np.int64), (s,))
-    p_host = np.broadcast_to(np.asarray(top_p, dtype=np.float64), (s,))
+    k_host = _rows(np.asarray(top_k, dtype=np.int64), (s,))
+    p_host = _rows(np.asarray(top_p, dtype=np.float64), (s,))
     sampled = t_host > 0
     need_sort = bool(np.any(sampled & ((k_host > 0) | (p_host < 1))))
     t = xp.asarray(t_host.astype(lg.dtype))
     masked = _masked_scaled(lg, t, xp.asarray(k_host), xp.asarray(p_host.astype(lg.dtype)), need_sort)
     probs = _softmax_rows(masked)
     cum = xp.cumsum(probs, axis=1)
-    u = xp.asarray(np.broadcast_to(np.asarray(uniforms, dtype=np.float64), (s,)).astype(lg.dtype))
+    u = xp.asarray(_rows(np.asarray(uniforms, dtype=np.float64), (s,)).astype(lg.dtype))
     # the first index whose cumulative mass passes u * total: `cum <= target` is a prefix of each row
     idx = xp.minimum((cum <= (u * cum[:, -1])[:, None]).sum(axis=1), v - 1)
     if bool(np.all(sampled)):
