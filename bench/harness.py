@@ -609,14 +609,17 @@ def markdown_report(
         lines += ["", f"## {op} {direction}", ""]
         metric = (metrics or {}).get(op, "gbps")
         ceiling_col = "% compute ceiling" if metric == "tflops" else "% ceiling"
-        cols = ["shape", *impls, *(f"{short}/{b}" for b in ratios), ceiling_col]
+        # only the implementations (and speed-ups) this table has measurements of
+        present = [i for i in impls if any(i in by_impl for by_impl in rows.values())]
+        base = [b for b in ratios if b in present]
+        cols = ["shape", *present, *(f"{short}/{b}" for b in base), ceiling_col]
         lines.append("| " + " | ".join(cols) + " |")
         lines.append("|" + "|".join("---" if i == 0 else "---:" for i in range(len(cols))) + "|")
         for (config, _shape, _dtype), by_impl in rows.items():
             any_rec = next(iter(by_impl.values()))
             cells = [f"{shape_label(any_rec)} ({config})"]
-            cells += [_cell(by_impl.get(i), metric) for i in impls]
-            for b in ratios:
+            cells += [_cell(by_impl.get(i), metric) for i in present]
+            for b in base:
                 r = _ratio(by_impl.get(b), by_impl.get(main))
                 cells.append(f"{r:.2f}x" if r is not None else "-")
             m = by_impl.get(main)
