@@ -55,23 +55,43 @@
 //       spills. Either way 24 tiles of 8 KB per SM can be in flight at HD 128. Why: v2 measured 80% of
 //       DRAM bandwidth on the H100 with a CTA barrier per 64-token tile and each tile's cp.async
 //       addresses waiting on that tile's block-table loads.
+//   paged_attention_v4<T, HD, STAGES>  v3's tiles, warps and math (same fragments, numerics, grid, splits),
+//       but the K/V rows reach shared memory by sm_90 TMA bulk copies (cp.async.bulk ... mbarrier::
+//       complete_tx::bytes), not per-thread 16-byte cp.async: per warp tile, lane l issues ONE bulk copy of a
+//       head_dim x 2-byte row (K row l for l < 16, V row l - 16) after an mbarrier.arrive.expect_tx of
+//       those bytes on the stage's "full" mbarrier (32 arrivals per phase); the warp waits with
+//       mbarrier.try_wait.parity (tile n: stage n % STAGES, parity (n / STAGES) & 1). The warp refills the
+//       stage of tile n - 1 after the __syncwarp that ends its reads (the warp is its own "empty" barrier).
+//       Rows past the range are clamped copies of the tile's last valid row (finite data, masked scores),
+//       so every phase expects the same 32 x head_dim x 2 bytes and no uninitialised shared memory is read;
+//       bucket columns past head_dim are zero-filled once. Rows keep v3's 16-byte padded pitch (1-D bulk
+//       copies cannot swizzle; the pitch keeps ldmatrix conflict-free). Why: v3 measured 2690 GB/s vs
+//       cuDNN's 2980 on the H100 with 8-12 warps per SM; the hypothesis is the per-thread cp.async path (16
+//       LSU copies per lane per tile); a bulk copy is one instruction per lane per tile. sm_90+ only: the body
+//       is compiled out below sm_90 (it traps; the launcher refuses version 4 there). STAGES per head dim
+//       bucket is the launcher's table; the launch bound asks for as many CTAs per SM (<= 3) as the H100's
+//       shared memory holds.
 //   paged_attention_combine<T>          one CTA per (seq, token, q head) row: merges the splits' partials.
 //   paged_attention_check_tables<THREADS>  debug: first (seq, table slot) whose block id is out of range or
 //                                       owned by another sequence, or whose context_len is out of range.
-// Kernel arguments (v1, v2 and v3 share them):
+// Kernel arguments (v1 to v4 share them):
 //   (q, k_cache, v_cache, block_tables, context_lens, out, part_out, part_lse,
 //    q_len, q_heads, kv_heads, head_dim, log2_block, table_stride, split_tokens, num_splits,
 //    q_ss, q_st, q_sh, k_sb, k_st, k_sh, v_sb, v_st, v_sh, scale_log2)
 // part_out == nullptr: one split, out written directly. Grid (v1, v2): x = sequence, y = kv head * row
-// chunks + chunk, z = split; v3: see above. Split ranges are multiples of 64 positions for v2 / v3.
+// chunks + chunk, z = split; v3, v4: see above. Split ranges are multiples of 64 positions for v2 to v4.
 // Dynamic shared memory (checked by the kernel against %dynamic_smem_size):
 //   v1  2 * TK * (HD + VW) * sizeof(T) + 4 * (ROWS * HD + ROWS * (TK + 1) + 4 * ROWS)   (<= 51 KB)
 //   v2  2 * (STAGES * 2 * 64 * (HD + 8) + 16 * (HD + 8)) + 640   (HD 128: 109,440 bytes, 2 CTAs per SM)
 //   v3  2 * (4 * STAGES * 2 * 16 * (HD + 8) + 16 * (HD + 8)) + 640   (HD 128: 109,440 bytes with
 //       STAGES 3, as v2; 74,624 with STAGES 2, 3 CTAs per SM)
+//   v4  v3's bytes + 4 * STAGES * 8 (mbarriers): launcher defaults HD 64 / 4 stages 76,800 (3 CTAs per SM),
+//       HD 96 / 4 stages 110,592 (2), HD 128 / 2 stages 74,688 (3); also HD 128 / 3 stages 109,536 (2),
+//       HD 128 / 6 stages 214,080 (1)
 // Registers (nvcc 13.0, sm_90, no spills on sm_80 / sm_90): v1 68-200, v2 113 / 145 / 222 (HD 64 / 96 /
 // 128; the launch bound keeps 2 CTAs per SM), v3 116 / 154 / 204 (STAGES 3) and 105 / 143 / 168 (STAGES 2,
-// launch bound 3 CTAs per SM), combine 31, check 16.
+// launch bound 3 CTAs per SM), v4 112-113 / 139 / 160-164 (HD 64 / 96 / 128;
+// 160 with 2 stages under the 3-CTA launch bound), combine 31, check 16.
 #include "common.cuh"
 
 namespace rf_paged {
@@ -895,6 +915,341 @@ __global__ void __launch_bounds__(rf_paged::kThreads, STAGES == 2 ? 3 : 2) paged
       out[row * head_dim + d] = __float2half_rn(v);
     }
   }
+}
+
+// ---- v4: tensor cores, per-warp pipelines fed by TMA bulk copies (sm_90+) -------------------------------
+
+namespace rf_paged {
+// sm_90 bulk-copy and mbarrier wrappers (PTX ISA: cp.async.bulk, mbarrier). Addresses are 32-bit shared
+// addresses; a non-cluster launch is a cluster of one CTA, so the CTA's own shared::cta address is a valid
+// shared::cluster address for the bulk copy's destination.
+__device__ __forceinline__ void mbar_init(unsigned bar, unsigned count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+// Makes the barrier initialisations visible to the async proxy (the bulk copies' complete_tx).
+__device__ __forceinline__ void mbar_init_fence() {
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+// Orders this thread's earlier generic-proxy shared-memory writes before later async-proxy accesses.
+__device__ __forceinline__ void fence_proxy_async_smem() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+// One arrival on the current phase, and `bytes` more expected transaction bytes.
+__device__ __forceinline__ void mbar_arrive_expect_tx(unsigned bar, unsigned bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+// Returns once the phase of parity `parity` has completed (acquire: the copies' bytes are visible).
+__device__ __forceinline__ void mbar_wait(unsigned bar, unsigned parity) {
+  unsigned done;
+  do {
+    asm volatile(
+        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
+        : "memory");
+  } while (!done);
+}
+// `bytes` (a multiple of 16; both addresses 16-byte aligned) global -> shared; completion counted on `bar`.
+__device__ __forceinline__ void bulk_copy_g2s(unsigned dst, const void* src, unsigned bytes, unsigned bar) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(dst),
+      "l"(src), "r"(bytes), "r"(bar)
+      : "memory");
+}
+
+// v4's shared memory: v3's layout (STAGES per warp) plus one 8-byte mbarrier per (warp, stage).
+__host__ __device__ constexpr unsigned v4_smem(int hd, int stages) {
+  return (kWarps * stages * 2 * kWarpTile * (hd + 8) + kMmaRows * (hd + 8)) * 2u +
+         (2 * kWarps * kMmaRows + 2 * kMmaRows) * 4u + kWarps * stages * 8u;
+}
+// Resident CTAs per SM the launch bound asks for: as many (up to 3) as the H100's 228 KB of shared memory
+// holds (1 KB reserved per CTA), at least 1.
+__host__ __device__ constexpr int v4_min_ctas(int hd, int stages) {
+  return 3 * (v4_smem(hd, stages) + 1024) <= 228 * 1024   ? 3
+         : 2 * (v4_smem(hd, stages) + 1024) <= 228 * 1024 ? 2
+                                                           : 1;
+}
+}  // namespace rf_paged
+
+// T is always __half (see v2). Body compiled for sm_90+ only; older targets trap (the launcher refuses
+// version 4 there).
+template <typename T, int HD, int STAGES>
+__global__ void __launch_bounds__(rf_paged::kThreads, rf_paged::v4_min_ctas(HD, STAGES))
+    paged_attention_v4(RF_PAGED_ARGS) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+  __trap();
+#else
+  static_assert(IsHalf<T>::value, "v4 runs on fp16 tensor cores");
+  using namespace rf_paged;
+  constexpr int R = kMmaRows, TW = kWarpTile;
+  constexpr int KS = HD + 8;          // shared row stride in halves: 16 bytes of padding (ldmatrix banks)
+  constexpr int KSTEPS = HD / 16;     // k-steps of S = Q K^T
+  constexpr int NT = HD / 8;          // n-tiles of O
+  constexpr int OS = HD + 4;          // float row stride of the merge buffer
+  constexpr int STAGE = 2 * TW * KS;  // halves per warp stage: K tile then V tile
+  constexpr int WARP_BUF = STAGES * STAGE;
+  static_assert(HD % 16 == 0 && HD <= 128, "v4: HD a multiple of 16 up to 128");
+  static_assert(2 * TW == rf::kWarp, "v4: lane l copies row l % 16 of K (l < 16) or V (l >= 16)");
+  static_assert(STAGES >= 2, "v4: at least double buffering");
+  static_assert((KS * 2) % 16 == 0, "v4: bulk-copy destinations must be 16-byte aligned");
+  static_assert(kWarps * R * OS * 4 <= kWarps * WARP_BUF * 2, "merge buffer must fit the stage buffers");
+  constexpr unsigned kSmem = v4_smem(HD, STAGES);
+
+  extern __shared__ __align__(16) unsigned char smem[];
+  __half* kv_s = reinterpret_cast<__half*>(smem);  // [kWarps][STAGES][K tile [TW][KS], V tile [TW][KS]]
+  __half* q_s = kv_s + kWarps * WARP_BUF;          // [R][KS]
+  float* wm_s = reinterpret_cast<float*>(q_s + R * KS);  // [kWarps][R] each warp's final max
+  float* wl_s = wm_s + kWarps * R;                      // [kWarps][R] each warp's final sum
+  float* M_s = wl_s + kWarps * R;                       // [R] merged max (base)
+  float* L_s = M_s + R;                                 // [R] merged sum
+  unsigned long long* bar_s = reinterpret_cast<unsigned long long*>(L_s + R);  // [kWarps][STAGES] "full"
+  float* o_s = reinterpret_cast<float*>(smem);          // [kWarps][R][OS], after every pipeline drained
+
+  const int tid = threadIdx.x, warp = tid / rf::kWarp, lane = tid % rf::kWarp;
+  const int gq = lane / 4, cq = lane % 4;
+  if (tid == 0) check_smem(kSmem);
+  const Work w = work_of_v3(q_len, q_heads, kv_heads, R, context_lens, split_tokens);
+
+  const __half* k_head = k_cache + w.kvh * k_sh;
+  const __half* v_head = v_cache + w.kvh * v_sh;
+  const int* table = block_tables + static_cast<long long>(w.seq) * table_stride;
+  const int block_mask = (1 << log2_block) - 1;
+  // Tiles as in v3: warp w takes tiles w, w + kWarps, ... of TW positions of the CTA's range.
+  const int cta_tiles = w.end > w.start ? rf::ceil_div(w.end - w.start, TW) : 0;
+  const int n_tiles = cta_tiles > warp ? rf::ceil_div(cta_tiles - warp, kWarps) : 0;
+  __half* warp_s = kv_s + warp * WARP_BUF;
+  const unsigned warp_s_addr = rf::smem_addr(warp_s);
+  const unsigned bar0 = rf::smem_addr(bar_s + warp * STAGES);  // this warp's stage s barrier: bar0 + 8 s
+  auto tile_start = [&](int n) { return w.start + (warp + n * kWarps) * TW; };
+
+  // Protocol, per warp (no other warp touches its buffers or barriers until the final merge). Stage s has
+  // one "full" mbarrier, initialised for 32 arrivals. Tile n uses stage n % STAGES, and is that barrier's
+  // phase n / STAGES: every lane does arrive.expect_tx(row bytes) and then its one bulk copy of a K or V
+  // row (lane l: row l % 16, K if l < 16, else V), so the phase completes when all 32 lanes have arrived
+  // and all 32 rows (32 x head_dim x 2 bytes) have landed. Consumers wait with parity (n / STAGES) & 1.
+  // A stage is refilled (tile n + STAGES - 1 into the stage of tile n - 1) only after the __syncwarp that
+  // follows every lane's last ldmatrix of tile n - 1, so the warp itself is the "empty" barrier; every
+  // lane has also passed its wait of that phase, so a phase is never more than one ahead of any waiter.
+  // Every tile issued is waited for inside the loop: nothing is in flight at the merge.
+  //
+  // Rows past the range (j >= valid) are not copied out of range: their copy is clamped to the tile's last
+  // valid row (real, finite data) and their scores are masked to -inf (P = 0), so the byte count of every
+  // phase is the same and no uninitialised shared memory reaches the mma. Head dims past head_dim (bucket
+  // padding, head_dim < HD) are never written by the copies: zero-filled once here.
+  if (head_dim < HD) {
+    for (int i = lane; i < STAGES * 2 * TW * (HD - head_dim); i += rf::kWarp) {
+      const int row = i / (HD - head_dim), d = head_dim + i % (HD - head_dim);
+      warp_s[row * KS + d] = __float2half_rn(0.f);
+    }
+  }
+  if (lane == 0) {
+#pragma unroll
+    for (int s = 0; s < STAGES; ++s) mbar_init(bar0 + 8 * s, rf::kWarp);
+    mbar_init_fence();
+  }
+  fence_proxy_async_smem();  // the zero fill before any bulk copy of the warp (different bytes; cheap)
+  __syncwarp();              // barriers initialised before any lane arrives on them
+
+  // Block ids of tile n: tokens 0-7 in block a, 8-15 in block b (as in v3), read one iteration ahead.
+  struct Ids {
+    int a, b;
+  };
+  auto block_ids = [&](int n) {
+    Ids r{0, 0};
+    if (n < n_tiles) {
+      const int t0 = tile_start(n);
+      r.a = __ldg(table + (t0 >> log2_block));
+      if (t0 + 8 < w.end) r.b = log2_block >= 4 ? r.a : __ldg(table + ((t0 + 8) >> log2_block));
+    }
+    return r;
+  };
+  const unsigned row_bytes = static_cast<unsigned>(head_dim) * 2u;
+  const int my_row = lane % TW;
+  const bool my_v = lane >= TW;
+  const __half* my_head = my_v ? v_head : k_head;
+  const long long my_sb = my_v ? v_sb : k_sb, my_st = my_v ? v_st : k_st;
+  const unsigned my_dst = warp_s_addr + static_cast<unsigned>(((my_v ? TW * KS : 0) + my_row * KS) * 2);
+  auto issue_tile = [&](int n, Ids id, int stage) {
+    const int t0 = tile_start(n);
+    const int jj = min(my_row, w.end - t0 - 1);  // clamped to the last valid row (w.end - t0 >= 1)
+    const long long blk = jj < 8 ? id.a : id.b;
+    const int off = (t0 + jj) & block_mask;
+    const unsigned bar = bar0 + 8u * stage;
+    mbar_arrive_expect_tx(bar, row_bytes);
+    bulk_copy_g2s(my_dst + static_cast<unsigned>(stage * STAGE * 2), my_head + blk * my_sb + off * my_st,
+                  row_bytes, bar);
+  };
+
+  Ids ids[STAGES];
+#pragma unroll
+  for (int s = 0; s < STAGES; ++s) ids[s] = block_ids(s);
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s)
+    if (s < n_tiles) issue_tile(s, ids[s], s);
+  Ids next_id = ids[STAGES - 1];  // at the top of iteration n: the ids of tile n + STAGES - 1
+
+  for (int i = tid; i < R * HD; i += kThreads) {
+    const int r = i / HD, d = i % HD, g = w.chunk * R + r;
+    __half v = __float2half_rn(0.f);
+    if (g < w.rows_total && d < head_dim) {
+      const int t = g / w.group, h = w.kvh * w.group + g % w.group;
+      v = q[w.seq * q_ss + t * q_st + h * q_sh + d];
+    }
+    q_s[r * KS + d] = v;
+  }
+  __syncthreads();  // the only CTA barrier before the merge
+
+  const __half* q_frag = q_s + ((lane % 8) + 8 * ((lane / 8) % 2)) * KS + 8 * (lane / 16);
+  unsigned qf[KSTEPS][4];
+#pragma unroll
+  for (int ks = 0; ks < KSTEPS; ++ks) rf::ldmatrix_x4(qf[ks], q_frag + ks * 16);
+  const int lim_lo = row_limit(w, w.chunk * R + gq, q_len);
+  const int lim_hi = row_limit(w, w.chunk * R + gq + 8, q_len);
+
+  float m_lo = neg_inf(), m_hi = neg_inf();
+  float l_lo = 0.f, l_hi = 0.f;
+  float o[NT][4];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) o[nt][0] = o[nt][1] = o[nt][2] = o[nt][3] = 0.f;
+
+  int stage = 0;          // n % STAGES
+  unsigned parity = 0u;   // (n / STAGES) & 1
+  for (int n = 0; n < n_tiles; ++n) {
+    __syncwarp();  // every lane is done reading tile n - 1's stage (last iteration's ldmatrix)
+    {
+      const int nxt = n + STAGES - 1;
+      const int nxt_stage = stage == 0 ? STAGES - 1 : stage - 1;  // (n - 1) % STAGES
+      if (nxt < n_tiles) issue_tile(nxt, next_id, nxt_stage);
+      next_id = block_ids(nxt + 1);  // used next iteration
+    }
+    mbar_wait(bar0 + 8u * stage, parity);  // tile n's 32 rows have landed
+    const __half* ks = warp_s + stage * STAGE;
+    const __half* vs = ks + TW * KS;
+    const int t0 = tile_start(n);
+    if (++stage == STAGES) stage = 0, parity ^= 1u;
+
+    // From here the tile's math is v3's, line for line.
+    float s[2][4];
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+    {
+      const int tok = (lane % 8) + 8 * (lane / 16), col = 8 * ((lane / 8) % 2);
+#pragma unroll
+      for (int kstep = 0; kstep < KSTEPS; ++kstep) {
+        unsigned b[4];
+        rf::ldmatrix_x4(b, ks + tok * KS + kstep * 16 + col);
+        rf::mma_m16n8k16(s[0], qf[kstep], b[0], b[1]);
+        rf::mma_m16n8k16(s[1], qf[kstep], b[2], b[3]);
+      }
+    }
+    float mx_lo = neg_inf(), mx_hi = neg_inf();
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int pos = t0 + 8 * nt + 2 * cq + e;  // clamped rows: pos >= end > lim, masked
+        s[nt][e] = pos <= lim_lo ? s[nt][e] * scale_log2 : neg_inf();
+        s[nt][2 + e] = pos <= lim_hi ? s[nt][2 + e] * scale_log2 : neg_inf();
+        mx_lo = fmaxf(mx_lo, s[nt][e]);
+        mx_hi = fmaxf(mx_hi, s[nt][2 + e]);
+      }
+    }
+#pragma unroll
+    for (int off = 1; off <= 2; off <<= 1) {
+      mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, off));
+      mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, off));
+    }
+    const float mnew_lo = fmaxf(m_lo, mx_lo), mnew_hi = fmaxf(m_hi, mx_hi);
+    const float base_lo = mnew_lo == neg_inf() ? 0.f : mnew_lo;
+    const float base_hi = mnew_hi == neg_inf() ? 0.f : mnew_hi;
+    const float alpha_lo = exp2f(m_lo - base_lo), alpha_hi = exp2f(m_hi - base_hi);
+    m_lo = mnew_lo;
+    m_hi = mnew_hi;
+
+    unsigned pa[4];
+    float sum_lo = 0.f, sum_hi = 0.f;
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+      const __half2 lo = __floats2half2_rn(exp2f(s[nt][0] - base_lo), exp2f(s[nt][1] - base_lo));
+      const __half2 hi = __floats2half2_rn(exp2f(s[nt][2] - base_hi), exp2f(s[nt][3] - base_hi));
+      const float2 flo = __half22float2(lo), fhi = __half22float2(hi);
+      sum_lo += flo.x + flo.y;
+      sum_hi += fhi.x + fhi.y;
+      pa[2 * nt] = *reinterpret_cast<const unsigned*>(&lo);
+      pa[2 * nt + 1] = *reinterpret_cast<const unsigned*>(&hi);
+    }
+    l_lo = l_lo * alpha_lo + sum_lo;
+    l_hi = l_hi * alpha_hi + sum_hi;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      o[nt][0] *= alpha_lo, o[nt][1] *= alpha_lo;
+      o[nt][2] *= alpha_hi, o[nt][3] *= alpha_hi;
+    }
+    {
+      const int tok = (lane % 8) + 8 * ((lane / 8) % 2), col = 8 * (lane / 16);
+#pragma unroll
+      for (int d2 = 0; d2 < NT / 2; ++d2) {
+        unsigned b[4];
+        rf::ldmatrix_x4_trans(b, vs + tok * KS + d2 * 16 + col);
+        rf::mma_m16n8k16(o[2 * d2], pa, b[0], b[1]);
+        rf::mma_m16n8k16(o[2 * d2 + 1], pa, b[2], b[3]);
+      }
+    }
+  }
+
+  // Merge the 4 warps' (m, l, O) once, as in v3.
+#pragma unroll
+  for (int off = 1; off <= 2; off <<= 1) {
+    l_lo += __shfl_xor_sync(0xffffffffu, l_lo, off);
+    l_hi += __shfl_xor_sync(0xffffffffu, l_hi, off);
+  }
+  __syncthreads();  // every warp is done with its stage buffers (no copy in flight): o_s may overwrite them
+  if (cq == 0) {
+    wm_s[warp * R + gq] = m_lo, wm_s[warp * R + gq + 8] = m_hi;
+    wl_s[warp * R + gq] = l_lo, wl_s[warp * R + gq + 8] = l_hi;
+  }
+  __syncthreads();
+  if (tid < R) {
+    float mx = neg_inf();
+#pragma unroll
+    for (int v = 0; v < kWarps; ++v) mx = fmaxf(mx, wm_s[v * R + tid]);
+    const float base = mx == neg_inf() ? 0.f : mx;
+    float total = 0.f;
+#pragma unroll
+    for (int v = 0; v < kWarps; ++v) total += wl_s[v * R + tid] * exp2f(wm_s[v * R + tid] - base);
+    M_s[tid] = base;
+    L_s[tid] = total;
+  }
+  __syncthreads();
+  {
+    const float f_lo = exp2f(m_lo - M_s[gq]), f_hi = exp2f(m_hi - M_s[gq + 8]);
+    float* ow = o_s + warp * R * OS;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const int d = 8 * nt + 2 * cq;
+      *reinterpret_cast<float2*>(ow + gq * OS + d) = make_float2(o[nt][0] * f_lo, o[nt][1] * f_lo);
+      *reinterpret_cast<float2*>(ow + (gq + 8) * OS + d) = make_float2(o[nt][2] * f_hi, o[nt][3] * f_hi);
+    }
+  }
+  __syncthreads();
+  const bool split = part_out != nullptr;
+  for (int i = tid; i < R * HD; i += kThreads) {
+    const int r = i / HD, d = i % HD, g = w.chunk * R + r;
+    if (g >= w.rows_total || d >= head_dim) continue;
+    float v = 0.f;
+#pragma unroll
+    for (int wv = 0; wv < kWarps; ++wv) v += o_s[(wv * R + r) * OS + d];
+    const float total = L_s[r];
+    v = total > 0.f ? v / total : 0.f;
+    const long long row = out_row(w, g, q_len, q_heads, split ? num_splits : 1);
+    if (split) {
+      part_out[row * head_dim + d] = v;
+      if (d == 0) part_lse[row] = total > 0.f ? M_s[r] + log2f(total) : neg_inf();
+    } else {
+      out[row * head_dim + d] = __float2half_rn(v);
+    }
+  }
+#endif
 }
 
 // ---- combine and debug check ------------------------------------------------------------------------------

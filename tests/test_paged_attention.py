@@ -305,6 +305,19 @@ def test_first_bad_entry_order(rng):
 # ---- kernel selection and the split rule (CPU) -------------------------------------------------------------
 
 
+class _FakeGpuArray:
+    device = "<CUDA Device 0>"
+
+
+def test_v4_refused_below_sm90(monkeypatch):
+    # v4's bulk copies and mbarrier transaction counts need sm_90: the launcher refuses older devices
+    monkeypatch.setattr(pa, "_device_cc", lambda a: 80)
+    with pytest.raises(ValueError, match=r"version=4 needs a GPU of compute capability >= 9.0.*has 8.0"):
+        pa._check_v4_device(_FakeGpuArray())
+    monkeypatch.setattr(pa, "_device_cc", lambda a: 90)
+    pa._check_v4_device(_FakeGpuArray())
+
+
 def test_split_rule():
     sms = 132
     assert pa.choose_num_splits(64 * 4, 4096, sms) == 1  # batch 64 x 4 kv heads fills the GPU
@@ -325,14 +338,14 @@ def test_every_plan_is_registered():
     for dtype in (F16, F32):
         for head_dim in range(8, 257, 8):
             for rows in (1, 2, 3, 4, 5, 8, 9, 16, 24, 32, 33, 128):
-                for version in (1, 2, 3):
+                for version in (1, 2, 3, 4):
                     plan = pa._plan(version, dtype, head_dim, rows)
                     if plan is None:
-                        assert version in (2, 3) and (dtype == F32 or head_dim > 128)
+                        assert version in (2, 3, 4) and (dtype == F32 or head_dim > 128)
                         continue
                     assert plan.expr in registered
                     assert plan.smem <= 227 * 1024
-                    if version in (2, 3):
+                    if version in (2, 3, 4):
                         # 2 CTAs per SM on an H100 (228 KB per SM, 1 KB reserved per CTA)
                         assert 2 * (plan.smem + 1024) <= 228 * 1024
                         assert plan.tile % 64 == 0  # v3's 16-token tiles never straddle a split
@@ -342,6 +355,18 @@ def test_every_plan_is_registered():
             assert plan.expr in registered
             # 2 stages: 3 CTAs per SM (the kernel's launch bound) must fit the H100's 228 KB
             assert (3 if stages == 2 else 2) * (plan.smem + 1024) <= 228 * 1024
+    for head_dim in (64, 96, 128):
+        for stages in (*pa._V4_STAGE_CHOICES, pa._V4_STAGES[head_dim]):
+            plan = pa._plan(4, F16, head_dim, 8, stages)
+            assert plan.expr in registered
+            assert plan.expr == f"paged_attention_v4<__half, {head_dim}, {stages}>"
+            # the kernel's v4_smem: v3's layout + one 8-byte mbarrier per (warp, stage)
+            v3 = pa._plan(3, F16, head_dim, 8, stages)
+            assert plan.smem == v3.smem + 4 * stages * 8
+            assert plan.smem <= 227 * 1024  # the H100's per-block opt-in limit
+    assert pa._plan(4, F16, 128, 1, 3).smem == 109_536 and pa._plan(4, F16, 64, 1, 6).smem == 113_728
+    for head_dim, ctas in ((64, 3), (96, 2), (128, 3)):  # the defaults: CTAs per SM on an H100 (228 KB)
+        assert (pa._plan(4, F16, head_dim, 1).smem + 1024) * ctas <= 228 * 1024
     assert pa._default_version(F16, 128) == 3 and pa._default_version(F16, 136) == 1
     assert pa._default_version(F32, 64) == 1
 
@@ -354,6 +379,12 @@ def _gpu_contexts(block_size, q_len):
     return [0, 1, 2, 15, 16, 17, block_size - 1, block_size, block_size + 1, 3 * block_size, 1000, 4097][
         (0 if q_len > 1 else 1) :
     ]
+
+
+def _need_version(cp, version):
+    """v4 runs on compute capability >= 9.0 only (test_gpu_v4_refused_below_sm90 covers older GPUs)."""
+    if version == 4 and int(cp.cuda.Device().compute_capability) < 90:
+        pytest.skip("version 4 needs sm_90")
 
 
 def _run_gpu(cp, case, dtype, **kwargs):
@@ -369,8 +400,9 @@ def _run_gpu(cp, case, dtype, **kwargs):
 @pytest.mark.parametrize("block_size", [8, 16, 128])
 @pytest.mark.parametrize("ratio", [1, 4, 8])
 @pytest.mark.parametrize("head_dim", [64, 96, 128, 80])
-@pytest.mark.parametrize(("version", "dtype"), [(1, F16), (1, F32), (2, F16), (3, F16)])
+@pytest.mark.parametrize(("version", "dtype"), [(1, F16), (1, F32), (2, F16), (3, F16), (4, F16)])
 def test_gpu_matches_reference(cp, rng, version, dtype, head_dim, ratio, block_size, q_len):
+    _need_version(cp, version)
     case = Case(
         rng,
         _gpu_contexts(block_size, q_len),
@@ -388,8 +420,9 @@ def test_gpu_matches_reference(cp, rng, version, dtype, head_dim, ratio, block_s
 @pytest.mark.gpu
 @pytest.mark.parametrize("ratio", [1, 8])
 @pytest.mark.parametrize("num_splits", [1, 3, None])
-@pytest.mark.parametrize(("version", "dtype"), [(1, F16), (1, F32), (2, F16), (3, F16)])
+@pytest.mark.parametrize(("version", "dtype"), [(1, F16), (1, F32), (2, F16), (3, F16), (4, F16)])
 def test_gpu_splits(cp, rng, version, dtype, num_splits, ratio):
+    _need_version(cp, version)
     case = Case(
         rng,
         [4097, 0, 1000, 1, 16, 2500],
@@ -416,16 +449,18 @@ def test_gpu_other_head_dims(cp, rng, dtype, head_dim):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("version", [1, 2, 3])
+@pytest.mark.parametrize("version", [1, 2, 3, 4])
 def test_gpu_large_groups_use_row_chunks(cp, rng, version):
+    _need_version(cp, version)
     # 16 q heads per kv head x 3 tokens = 48 rows: several row chunks per kv head
     case = Case(rng, [3, 40, 129], q_len=3, q_heads=32, kv_heads=2, head_dim=64, block_size=32, dtype=F16)
     assert_close(_run_gpu(cp, case, F16, version=version, num_splits=2), case.ref(), F16)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("version", [1, 2, 3])
+@pytest.mark.parametrize("version", [1, 2, 3, 4])
 def test_gpu_strided_views_and_scale(cp, rng, version):
+    _need_version(cp, version)
     case = Case(rng, [33, 5], q_len=1, q_heads=8, kv_heads=2, head_dim=64, block_size=16, dtype=F16)
     q, k, v, tables, ctx = case.args(cp)
     packed = cp.stack([q, q, q], axis=2)  # (seqs, q_len, 3, heads, dim): q as a view, no copy
@@ -459,6 +494,40 @@ def test_gpu_v3_block_sizes_and_splits(cp, rng, monkeypatch, block_size, num_spl
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [64, 96, 128, 80])
+@pytest.mark.parametrize("stages", [2, 3, 4, 6])
+@pytest.mark.parametrize("block_size", [8, 16, 128])
+@pytest.mark.parametrize("num_splits", [1, 5])
+def test_gpu_v4_stages_block_sizes_and_splits(cp, rng, monkeypatch, head_dim, stages, block_size, num_splits):
+    # every compiled pipeline depth of every head dim bucket (80: bucket 96, columns past head_dim zero-filled
+    # once, never written by the bulk copies); tiles shorter than 16 tokens (clamped row copies), tile and
+    # block edges, contexts shorter than one tile per warp and long enough to wrap every stage's mbarrier
+    # phase many times (700 / 1500 tokens: ~11 / 23 tiles per warp)
+    _need_version(cp, 4)
+    monkeypatch.setitem(pa._V4_STAGES, pa._bucket(head_dim, pa._V2_HEAD_DIMS), stages)
+    case = Case(
+        rng,
+        [0, 1, 15, 16, 17, 63, 64, 65, 129, 700, 1500],
+        q_len=2,
+        q_heads=16,
+        kv_heads=4,
+        head_dim=head_dim,
+        block_size=block_size,
+        dtype=F16,
+    )
+    assert_close(_run_gpu(cp, case, F16, version=4, num_splits=num_splits), case.ref(), F16)
+
+
+@pytest.mark.gpu
+def test_gpu_v4_refused_below_sm90(cp, rng):
+    if int(cp.cuda.Device().compute_capability) >= 90:
+        pytest.skip("this GPU runs version 4")
+    q, k, v, tables, ctx = Case(rng, [3], q_len=1, dtype=F16).args(cp)
+    with pytest.raises(ValueError, match="version=4 needs a GPU of compute capability"):
+        pa.paged_attention(q, k, v, tables, ctx, version=4)
+
+
+@pytest.mark.gpu
 def test_gpu_v3_large_token_stride_copies(cp, rng, monkeypatch):
     # v3 keeps in-block token offsets in 32 bits; a cache view whose token stride passes the limit gets a
     # compact copy (the limit is lowered here so that a small view exercises the path)
@@ -483,7 +552,7 @@ def test_gpu_zero_sizes(cp, rng):
 @pytest.mark.gpu
 def test_gpu_refusals(cp, rng):
     q, k, v, tables, ctx = Case(rng, [3], q_len=1, dtype=F32).args(cp)
-    for version in (2, 3):
+    for version in (2, 3, 4):
         with pytest.raises(ValueError, match=f"version={version} runs float16"):
             pa.paged_attention(q, k, v, tables, ctx, version=version)
     big = cp.zeros((1, 1, 2, 264), cp.float16)

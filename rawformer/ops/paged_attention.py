@@ -23,13 +23,16 @@ array interface inputs are viewed as one of the two.
 Kernel selection (impl="cuda"; the header of paged_attention.cu describes the versions):
     float16, head_dim <= 128       v3 (tensor cores, a cp.async pipeline per warp; head dim bucket
                                    64 / 96 / 128, zero-padded). v2 (tensor cores, one pipeline per CTA)
-                                   takes the same inputs with version=2.
+                                   takes the same inputs with version=2; v4 (v3's math fed by sm_90 TMA
+                                   bulk copies + mbarriers; compute capability >= 9.0 only, else
+                                   ValueError) with version=4.
     otherwise                      v1 (SIMT; head dim bucket 32 / 64 / 96 / 128 / 192 / 256)
-Query rows per CTA: v2 / v3 16 (group heads x q_len, padded), v1 the smallest of 1 / 4 / 8 / 16 / 32 that
-holds them; larger groups are cut into row chunks (extra CTAs, each reading the K/V again, mostly from L2).
+Query rows per CTA: v2 / v3 / v4 16 (group heads x q_len, padded), v1 the smallest of 1 / 4 / 8 / 16 / 32
+that holds them; larger groups are cut into row chunks (extra CTAs, each reading the K/V again, mostly from
+L2).
 
 Split-KV. num_splits=None picks a count from the grid: with C = num_seqs x kv_heads x row chunks CTAs, S
-streaming multiprocessors and k CTAs per SM (v3: as many as are resident, from its registers and shared
+streaming multiprocessors and k CTAs per SM (v3 / v4: as many as are resident, from its registers and shared
 memory: 2 at head dim 128, where 109 KB of shared memory per CTA decides, 3 at 64; v1 / v2: 2, the value
 they were measured with), no split when C >= S (every SM already streams: one resident CTA of v3 keeps
 4 warps x 3 tiles of 8 KB in flight at head dim 128); else floor(k S / C) splits
@@ -37,7 +40,7 @@ they were measured with), no split when C >= S (every SM already streams: one re
 positions. max_tokens = max_blocks_per_seq x block_size (the table's width: known on the host without
 reading context_lens). A requested num_splits is capped at 1024. Splits cover fixed position ranges
 [i T, (i + 1) T) with T = ceil(max_tokens / splits) rounded up to the kernel's split granule (64
-positions for v2 / v3, the tile for v1), so the count actually launched is ceil(max_tokens / T). More
+positions for v2 / v3 / v4, the tile for v1), so the count actually launched is ceil(max_tokens / T). More
 than one split writes float32 partial outputs + base-2 log-sum-exps and runs the combine kernel.
 
 Debug (debug=True, default from RAWFORMER_DEBUG=1): before the attention kernel a check kernel verifies
@@ -67,7 +70,7 @@ from rawformer.ops._checks import adopt_optional, check_version, f64, finish
 __all__ = ["choose_num_splits", "paged_attention", "paged_attention_ref"]
 
 _FAMILY = "paged_attention"
-VERSIONS = (1, 2, 3)
+VERSIONS = (1, 2, 3, 4)
 BLOCK_SIZES = (8, 16, 32, 64, 128)
 LOG2E = 1.4426950408889634
 INT32_MAX = 2**31 - 1
@@ -89,6 +92,14 @@ _V2_WARPS = 4
 _V3_STAGES = 2  # H100 sweep: 2 stages (3 CTAs per SM) 0.3-2.6% faster than 3 on the four decode shapes
 _V3_STAGE_CHOICES = (2, 3)
 _V3_WARP_TILE = 16  # kWarpTile
+# v4's per-warp pipeline depth per head dim bucket (tiles of 16 tokens, one mbarrier per stage). The defaults
+# keep about 192 KB of K/V in flight per H100 SM with the most CTAs: head dim 64, 4 stages: 76,800 bytes, 3
+# CTAs per SM; 96, 4 stages: 110,592 bytes, 2 CTAs; 128, 2 stages: 74,688 bytes, 3 CTAs (160 registers under
+# the 168 of the launch bound; v3 measured 2 stages x 3 CTAs best). Every (bucket, choice) is compiled; set
+# this to compare (6 stages at 128: 214,080 bytes, 1 CTA per SM, 4 warps).
+_V4_STAGES = {64: 4, 96: 4, 128: 2}
+_V4_STAGE_CHOICES = (2, 3, 4, 6)
+_V4_MIN_CC = 90  # cp.async.bulk and mbarrier expect_tx: sm_90 and newer
 _V3_SPLIT_GRANULE = 64  # split ranges are multiples of this: tiles never straddle a split
 _V3_MAX_TOKEN_STRIDE = 2**27  # v3 computes in-block token offsets in 32 bits
 _MAX_GRID_X = 2**31 - 1
@@ -180,10 +191,10 @@ class _Plan:
 
 
 def _plan(
-    version: int, dtype: Any, head_dim: int, rows_total: int, v3_stages: int | None = None
+    version: int, dtype: Any, head_dim: int, rows_total: int, stages: int | None = None
 ) -> _Plan | None:
     """The kernel of `version` for this dtype / head_dim / query rows per kv head, or None if it cannot
-    (v3_stages: v3's pipeline depth, default _V3_STAGES)."""
+    (stages: v3 / v4's pipeline depth, default _V3_STAGES / _V4_STAGES[head dim bucket])."""
     dtype = np.dtype(dtype)
     t = cuda_type(dtype)
     if version == 1:
@@ -209,11 +220,24 @@ def _plan(
         if dtype != np.float16 or hd is None:
             return None
         ks = hd + 8
-        stages = _V3_STAGES if v3_stages is None else v3_stages
+        stages = _V3_STAGES if stages is None else stages
         smem = (_V2_WARPS * stages * 2 * _V3_WARP_TILE * ks + _V2_ROWS * ks) * 2 + (
             2 * _V2_WARPS * _V2_ROWS + 2 * _V2_ROWS
         ) * 4
         return _Plan(f"paged_attention_v3<{t}, {hd}, {stages}>", _V2_ROWS, _V3_SPLIT_GRANULE, smem)
+    if version == 4:
+        hd = _bucket(head_dim, _V2_HEAD_DIMS)
+        if dtype != np.float16 or hd is None:
+            return None
+        ks = hd + 8
+        stages = _V4_STAGES[hd] if stages is None else stages
+        # v3's layout plus one 8-byte mbarrier per (warp, stage): v4_smem in paged_attention.cu
+        smem = (
+            (_V2_WARPS * stages * 2 * _V3_WARP_TILE * ks + _V2_ROWS * ks) * 2
+            + (2 * _V2_WARPS * _V2_ROWS + 2 * _V2_ROWS) * 4
+            + _V2_WARPS * stages * 8
+        )
+        return _Plan(f"paged_attention_v4<{t}, {hd}, {stages}>", _V2_ROWS, _V3_SPLIT_GRANULE, smem)
     raise ValueError(f"no paged_attention version {version}")
 
 
@@ -251,6 +275,8 @@ def _instantiations() -> list[str]:
         exprs.append(_plan(2, np.float16, hd, 1).expr)  # type: ignore[union-attr]
         for stages in _V3_STAGE_CHOICES:
             exprs.append(_plan(3, np.float16, hd, 1, stages).expr)  # type: ignore[union-attr]
+        for stages in (*_V4_STAGE_CHOICES, _V4_STAGES[hd]):
+            exprs.append(_plan(4, np.float16, hd, 1, stages).expr)  # type: ignore[union-attr]
     for dtype in _checks.GPU_DTYPES:
         exprs.append(f"paged_attention_combine<{cuda_type(dtype)}>")
     exprs.append(f"paged_attention_check_tables<{_CHECK_THREADS}>")
@@ -396,6 +422,22 @@ def _padded(a: Any, head_dim: int) -> Any:
     return b
 
 
+def _device_cc(a: Any) -> int:
+    """Compute capability of the device holding CuPy array `a`, as major * 10 + minor (90 = sm_90)."""
+    return int(a.device.compute_capability)
+
+
+def _check_v4_device(q: Any) -> None:
+    """v4 uses sm_90 bulk copies (cp.async.bulk) and mbarrier transaction counts: refuse older GPUs (its
+    kernel body is compiled out there and would trap)."""
+    cc = _device_cc(q)
+    if cc < _V4_MIN_CC:
+        raise ValueError(
+            f"paged_attention: version=4 needs a GPU of compute capability >= 9.0 (TMA bulk copies); "
+            f"{q.device} has {cc // 10}.{cc % 10}; use version=3"
+        )
+
+
 def _numba_paged() -> Any:
     # Imported on first use: Numba is an optional extra and slow to import.
     from rawformer.kernels.numba import paged_attention as numba_paged
@@ -437,8 +479,8 @@ def paged_attention(
     debug : check the block tables first (default: RAWFORMER_DEBUG=1)
     out : optional array of q's shape, dtype and device to write into
     impl : None / "cuda" or "numba" for GPU arrays
-    version : CUDA kernel version 1 (SIMT), 2 or 3 (tensor cores, float16, head_dim <= 128; 3 is the
-        default there)
+    version : CUDA kernel version 1 (SIMT), 2, 3 or 4 (tensor cores, float16, head_dim <= 128; 3 is the
+        default there; 4 needs compute capability >= 9.0)
 
     Returns
     -------
@@ -494,7 +536,7 @@ def paged_attention(
     _checks.check_out(out_arr, "out", q)
     which = _checks.check_impl(impl, q)
     check_version(version, VERSIONS, which)
-    if version in (2, 3) and (q.dtype != np.float16 or head_dim > _V2_HEAD_DIMS[-1]):
+    if version in (2, 3, 4) and (q.dtype != np.float16 or head_dim > _V2_HEAD_DIMS[-1]):
         raise ValueError(
             f"paged_attention: version={version} runs float16 with head_dim <= {_V2_HEAD_DIMS[-1]}; got "
             f"{q.dtype}, head_dim {head_dim}"
@@ -512,6 +554,8 @@ def paged_attention(
         return finish(ref.astype(q.dtype), out_arr, out, give_back)
 
     cp = backend.require_cupy()
+    if version == 4 and which == "cuda":
+        _check_v4_device(q)
     if q.size == 0:
         return finish(cp.zeros(q.shape, dtype=q.dtype), out_arr, out, give_back)
     tables = _as_int32(block_tables)
@@ -561,7 +605,7 @@ def paged_attention(
     if plan is None:  # version=2 / 3 were refused above; v1 takes every head_dim <= 256
         raise ValueError(f"paged_attention: version={chosen} cannot take head_dim {head_dim}")
     chunks = -(-(group * q_len) // plan.rows)
-    if chosen == 3:  # 1-D grid over (sequence, kv head, row chunk)
+    if chosen in (3, 4):  # 1-D grid over (sequence, kv head, row chunk)
         if num_seqs * kv_heads * chunks > _MAX_GRID_X:
             raise ValueError(
                 f"paged_attention: {num_seqs} sequences x {kv_heads} kv heads x {chunks} row chunks exceed "
@@ -574,10 +618,9 @@ def paged_attention(
     wanted = num_splits
     if wanted is None:
         limits = device_limits()
-        # v3 aims at its own resident CTAs per SM (2 at head dim 128, 3 at 64 with 3 stages: shared memory
-        # and registers decide);
-        # v1 / v2 keep the 2 they were measured with
-        per_sm = resident_blocks(kernel, _THREADS, plan.smem, limits) if chosen == 3 else _CTAS_PER_SM
+        # v3 / v4 aim at their own resident CTAs per SM (v3: 2 at head dim 128, 3 at 64 with 3 stages;
+        # shared memory and registers decide); v1 / v2 keep the 2 they were measured with
+        per_sm = resident_blocks(kernel, _THREADS, plan.smem, limits) if chosen in (3, 4) else _CTAS_PER_SM
         wanted = choose_num_splits(num_seqs * kv_heads * chunks, max_tokens, limits.sms, per_sm)
     splits, split_tokens = split_layout(min(int(wanted), _MAX_SPLITS), max_tokens, plan.tile)
 
@@ -600,7 +643,11 @@ def paged_attention(
     moved = None
     if debug_enabled():
         moved = 2 * int(cp.sum(ctx, dtype=np.int64)) * kv_heads * head_dim * item + 2 * q.size * item
-    grid = (num_seqs * kv_heads * chunks, splits, 1) if chosen == 3 else (num_seqs, kv_heads * chunks, splits)
+    grid = (
+        (num_seqs * kv_heads * chunks, splits, 1)
+        if chosen in (3, 4)
+        else (num_seqs, kv_heads * chunks, splits)
+    )
     launch(
         kernel,
         grid,
