@@ -29,7 +29,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from rawformer.models.common import check_weights, linear_weight, random_weights, weights_module
+from rawformer.models.common import check_weights, linear, linear_weight, random_weights, weights_module
 from rawformer.models.config import BertConfig
 
 import rawformer as rf
@@ -150,12 +150,13 @@ class BertModel:
         # additive key mask, built once for all layers: 0 where the key is a real token, -inf on padding
         key_mask = self.xp.where(mask, 0.0, -np.inf).astype(np.float32)[:, None, None, :]  # (B, 1, 1, S)
         for lyr in self.layers:
-            qkv = (x @ lyr.w_qkv + lyr.b_qkv).reshape(b, s, 3, nh, hd)  # (B, S, 3, nh, hd)
+            qkv = linear(x, lyr.w_qkv, lyr.b_qkv).reshape(b, s, 3, nh, hd)  # (B, S, 3, nh, hd)
             q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, S, nh, hd) strided views
             a = rf.attention(q, k, v, mask=key_mask)  # (B, S, nh, hd)
-            a = a.reshape(b * s, nh * hd) @ lyr.w_o + lyr.b_o
+            a = linear(a.reshape(b * s, nh * hd), lyr.w_o, lyr.b_o)
             x = rf.add_layer_norm(a, x, *lyr.ln_1, eps)[0]  # layer_norm(x + a)
-            m = rf.gelu(x @ lyr.w_i, lyr.b_i, approximate=cfg.gelu_approximate) @ lyr.w_out + lyr.b_out
+            m = rf.gelu(linear(x, lyr.w_i), lyr.b_i, approximate=cfg.gelu_approximate)
+            m = linear(m, lyr.w_out, lyr.b_out)
             x = rf.add_layer_norm(m, x, *lyr.ln_2, eps)[0]  # layer_norm(x + m)
         return x.reshape(b, s, cfg.hidden_size)
 

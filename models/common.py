@@ -23,6 +23,7 @@ import numpy as np
 
 import rawformer as rf
 from rawformer import backend
+from rawformer.kernels.gemm import matmul
 
 __all__ = [
     "Arena",
@@ -30,6 +31,7 @@ __all__ = [
     "StepPlan",
     "check_weights",
     "decoder_attention",
+    "linear",
     "plan_step",
     "random_weights",
     "weights_module",
@@ -121,6 +123,19 @@ def random_weights(
             w = np.float32(1.0) + w
         out[name] = xp.asarray(w.astype(dtype))
     return out
+
+
+def linear(x: Any, w: Any, b: Any = None) -> Any:
+    """y = x @ w (+ b): x (..., in), w (in, out) (C-contiguous, or a transposed view such as `wte.T`, read
+    in place), b (out,) or None. Returns (..., out) in x's dtype.
+
+    The GEMM is rawformer.kernels.gemm.matmul: on the GPU it calls cuBLAS in a way a CUDA graph can
+    capture (CuPy's own matmul cannot be captured); on the CPU it is NumPy's `@`."""
+    lead = x.shape[:-1]
+    y = matmul(x.reshape(-1, x.shape[-1]), w)  # (rows, out); the reshape is a view for contiguous rows
+    if b is not None:
+        y += b  # in place: one elementwise kernel, no new buffer
+    return y.reshape(*lead, w.shape[1])
 
 
 def linear_weight(w: Any, xp: Any) -> Any:

@@ -34,6 +34,7 @@ from rawformer.models.common import (
     check_weights,
     decoder_attention,
     last_token_rows,
+    linear,
     plan_step,
     random_weights,
     weights_module,
@@ -131,20 +132,20 @@ class GPT2Model:
         x = self.wte[batch.tokens] + self.wpe[batch.positions]  # (T, H)
         h = rf.layer_norm(x, *self.blocks[0].ln_1, eps)
         for layer, blk in enumerate(self.blocks):
-            qkv = (h @ blk.c_attn[0] + blk.c_attn[1]).reshape(t, 3, nh, hd)  # (T, 3, nh, hd)
+            qkv = linear(h, *blk.c_attn).reshape(t, 3, nh, hd)  # (T, 3, nh, hd)
             q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]  # (T, nh, hd) strided views
             rf.kv_write(k, v, arena.k(layer), arena.v(layer), batch.slot_mapping)
             a = decoder_attention(q, k, v, batch, plan, arena.k(layer), arena.v(layer))  # (T, nh, hd)
-            a = a.reshape(t, nh * hd) @ blk.attn_proj[0] + blk.attn_proj[1]
+            a = linear(a.reshape(t, nh * hd), *blk.attn_proj)
             h, x = rf.add_layer_norm(a, x, *blk.ln_2, eps)  # x = x + a; h = ln_2(x)
-            m = rf.gelu(h @ blk.c_fc[0], blk.c_fc[1], approximate=cfg.gelu_approximate)  # (T, inner)
-            m = m @ blk.mlp_proj[0] + blk.mlp_proj[1]
+            m = rf.gelu(linear(h, blk.c_fc[0]), blk.c_fc[1], approximate=cfg.gelu_approximate)  # (T, inner)
+            m = linear(m, *blk.mlp_proj)
             nxt = self.blocks[layer + 1].ln_1 if layer + 1 < len(self.blocks) else self.ln_f
             if last_only and layer + 1 == len(self.blocks):
                 rows = last_token_rows(batch)
                 m, x = m[rows], x[rows]  # (S, H): only the last token of each sequence goes on
             h, x = rf.add_layer_norm(m, x, *nxt, eps)  # x = x + m; h = next block's ln_1(x) (or ln_f)
-        return h @ self.wte.T  # (T or S, V): the tied head
+        return linear(h, self.wte.T)  # (T or S, V): the tied head, wte read in place
 
 
 def init_random(

@@ -34,6 +34,7 @@ from rawformer.models.common import (
     check_weights,
     decoder_attention,
     last_token_rows,
+    linear,
     linear_weight,
     plan_step,
     random_weights,
@@ -104,12 +105,6 @@ class Block:
             self.b_gate, self.b_up, self.b_down = (w[m + n + "_proj.bias"] for n in ("gate", "up", "down"))
 
 
-def _linear(x: Any, w: Any, b: Any) -> Any:
-    """x @ w (+ b)."""
-    y = x @ w
-    return y if b is None else y + b
-
-
 class LlamaModel:
     """Llama over the paged KV cache.
 
@@ -157,7 +152,7 @@ class LlamaModel:
         x = self.embed[batch.tokens]  # (T, H)
         h = rf.rms_norm(x, self.blocks[0].ln_1, eps)
         for layer, blk in enumerate(self.blocks):
-            qkv = _linear(h, blk.w_qkv, blk.b_qkv)  # (T, (nh + 2 nkv) d)
+            qkv = linear(h, blk.w_qkv, blk.b_qkv)  # (T, (nh + 2 nkv) d)
             q = qkv[:, : nh * d].reshape(t, nh, d)  # (T, nh, d) views of qkv
             k = qkv[:, nh * d : (nh + nkv) * d].reshape(t, nkv, d)  # (T, nkv, d)
             v = qkv[:, (nh + nkv) * d :].reshape(t, nkv, d)
@@ -166,16 +161,16 @@ class LlamaModel:
                 q, k, v, batch.positions, kc, vc, batch.slot_mapping, inv_freq=self.inv_freq
             )
             a = decoder_attention(q, k, v, batch, plan, kc, vc)  # (T, nh, d)
-            a = _linear(a.reshape(t, nh * d), blk.w_o, blk.b_o)  # (T, H)
+            a = linear(a.reshape(t, nh * d), blk.w_o, blk.b_o)  # (T, H)
             h, x = rf.add_rms_norm(a, x, blk.ln_2, eps)  # x = x + a; h = rms_norm(x)
-            g = rf.swiglu(_linear(h, blk.w_gate, blk.b_gate), _linear(h, blk.w_up, blk.b_up))  # (T, I)
-            m = _linear(g, blk.w_down, blk.b_down)  # (T, H)
+            g = rf.swiglu(linear(h, blk.w_gate, blk.b_gate), linear(h, blk.w_up, blk.b_up))  # (T, I)
+            m = linear(g, blk.w_down, blk.b_down)  # (T, H)
             nxt = self.blocks[layer + 1].ln_1 if layer + 1 < len(self.blocks) else self.norm
             if last_only and layer + 1 == len(self.blocks):
                 rows = last_token_rows(batch)
                 m, x = m[rows], x[rows]  # (S, H): only the last token of each sequence goes on
             h, x = rf.add_rms_norm(m, x, nxt, eps)  # x = x + m; h = next block's input norm (or the final)
-        return h @ self.lm_head.T  # (T or S, V)
+        return linear(h, self.lm_head.T)  # (T or S, V)
 
 
 def init_random(

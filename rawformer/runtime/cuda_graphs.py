@@ -21,8 +21,13 @@ whose address does not change, and every host-side decision must be the same at 
   The logits array (bucket, V) is the graph's output buffer: each replay overwrites it; read it before the
   next launch (stream order makes a read queued after the launch safe).
 - Before capturing, the step runs once eagerly in the same private pool on the same stream: kernels get
-  compiled and loaded, cuBLAS sets itself up, and the pool holds the blocks the capture will ask for.
-  Running the step again is harmless: it rewrites the same K/V into the same slots.
+  compiled and loaded, and the pool holds the blocks the capture will ask for. Running the step again is
+  harmless: it rewrites the same K/V into the same slots.
+- GEMMs: CuPy's cuBLAS wrappers refuse to run while a stream captures, so the models' projections go
+  through rawformer.kernels.gemm.matmul (cublasGemmEx through a handle of our own, with a preallocated
+  workspace). `gemm.prepare()` creates that handle and binds it to the capture stream before the
+  warm-up; eager steps use the same call, so replays compute what eager steps compute. Nothing else in a
+  decode step may call a CuPy cuBLAS routine (cupy.matmul / dot / einsum / linalg).
 
 A graph is keyed by (bucket, W) and remembers the device addresses of the six input arrays. The tokens
 view starts the pool's step buffer in every layout, so its address is the buffer's: when it changes (the
@@ -94,9 +99,12 @@ class CupyCapture:
                 "CUDA graph capture needs a non-default stream: run the step inside `with cupy.cuda.Stream("
                 "non_blocking=True):` (the Generator does)"
             )
+        from rawformer.kernels import gemm
+
+        gemm.prepare()  # cuBLAS handle + workspace bound to this stream: nothing of that during capture
         mempool = cp.cuda.MemoryPool()
         with cp.cuda.using_allocator(mempool.malloc):
-            step()  # warm-up: compile/load kernels, set up cuBLAS, fill the private pool
+            step()  # warm-up: compile/load kernels, fill the private pool
             stream.begin_capture()
             try:
                 out = step()
