@@ -39,11 +39,13 @@ gpu-check:
 	mkdir -p $(OUT)
 	set -o pipefail; $(GPU_PY) -m pytest -q -m gpu $(GPU_XDIST) tests 2>&1 | tee $(OUT)/gpu-tests.log
 	set -o pipefail; $(GPU_PY) bench/kernels.py --quick 2>&1 | tee $(OUT)/bench-quick.log
+	set -o pipefail; $(GPU_PY) bench/attention.py --quick 2>&1 | tee $(OUT)/bench-attention-quick.log
 
 bench:
 	$(GPU_PY) -m pip install -q --no-deps --no-build-isolation -e .
 	mkdir -p $(OUT)
 	set -o pipefail; $(GPU_PY) bench/kernels.py 2>&1 | tee $(OUT)/bench.log
+	set -o pipefail; $(GPU_PY) bench/attention.py 2>&1 | tee $(OUT)/bench-attention.log
 
 # Build a wheel and check it installs the rawformer.* namespace with the CUDA sources.
 wheel-check: $(STAMP)

@@ -595,6 +595,9 @@ def test_gpu_matmul_in_cuda_graph_replayed_on_new_data(cp, rng, dtype, shape):
         if trial == 2:
             wte[...] = cp.asarray(rng.standard_normal((n, k)).astype(dtype))
         out.fill(np.nan)
+        # the new inputs and the poison were written on the current stream, which a non-blocking stream
+        # does not wait for: finish them before the replay reads the buffers
+        cp.cuda.get_current_stream().synchronize()
         with stream:
             graph.launch(stream)
         stream.synchronize()
@@ -618,6 +621,7 @@ def test_gpu_matmul_captured_with_private_pool(cp, rng):
     with cp.cuda.using_allocator(pool.malloc):
         graph, out = _capture(cp, stream, lambda: linear(a, b))
     a[...] = cp.asarray(rng.standard_normal((8, 40)).astype(np.float16))
+    cp.cuda.get_current_stream().synchronize()  # the non-blocking stream does not wait for this write
     with stream:
         graph.launch(stream)
     stream.synchronize()
