@@ -352,6 +352,204 @@ constexpr int kTile = 64;     // v2: tokens per pipeline stage; warp w owns toke
 template <typename T> struct IsHalf { static constexpr bool value = false; };
 template <> struct IsHalf<__half> { static constexpr bool value = true; };
 
+// ---- v2-v4 shared pieces: one warp's tile step and the CTA merge epilogue ---------------------------------
+//
+// v2, v3 and v4 differ only in how K/V tiles reach shared memory; the math on a tile and the final merge of
+// the 4 warps are the same and live here (force-inlined: each kernel compiles as if written out in full).
+
+namespace rf_paged {
+
+// Copies the CTA's R = 16 query rows (rows chunk * R ..., of the (token, q head) rows of kv head w.kvh) into
+// q_s [R][HD + 8]; rows past rows_total and head dims past head_dim are zero. Called by the whole CTA; the
+// caller's __syncthreads publishes q_s.
+template <int HD>
+__device__ __forceinline__ void stage_q(__half* q_s, const __half* q, const Work& w, int tid, int head_dim,
+                                        long long q_ss, long long q_st, long long q_sh) {
+  constexpr int R = kMmaRows;
+  constexpr int KS = HD + 8;
+  for (int i = tid; i < R * HD; i += kThreads) {
+    const int r = i / HD, d = i % HD, g = w.chunk * R + r;
+    __half v = __float2half_rn(0.f);
+    if (g < w.rows_total && d < head_dim) {
+      const int t = g / w.group, h = w.kvh * w.group + g % w.group;
+      v = q[w.seq * q_ss + t * q_st + h * q_sh + d];
+    }
+    q_s[r * KS + d] = v;
+  }
+}
+
+// One warp's online-softmax step on a 16-token tile: S = Q K^T, mask, running (m, l) update, O += P V.
+// ks, vs: the tile's K and V rows in shared memory (row stride HD + 8 halves); kb: the warp's first token
+// row in them (v2: 16 warp; v3, v4: 0); t0: the tile's first position (token row kb has position t0 + kb).
+// Q is the A operand: qf[KSTEPS][4] in registers, or (Q_SMEM) qf[1][4] re-read from q_frag at every k-step.
+// (m, l): running max (quad-uniform, log2 units) and this lane's running column sum of rows gq and gq + 8.
+template <int HD, bool Q_SMEM>
+__device__ __forceinline__ void tile_step(const __half* ks, const __half* vs, int kb, int t0,
+                                          unsigned (&qf)[Q_SMEM ? 1 : HD / 16][4], const __half* q_frag,
+                                          int lim_lo, int lim_hi, float scale_log2, int lane, int cq,
+                                          float& m_lo, float& m_hi, float& l_lo, float& l_hi,
+                                          float (&o)[HD / 8][4]) {
+  constexpr int KS = HD + 8;       // shared row stride in halves
+  constexpr int KSTEPS = HD / 16;  // k-steps of S = Q K^T
+  constexpr int NT = HD / 8;       // n-tiles of O
+
+  // S = Q K^T for the warp's 16 tokens: two n-tiles of 8 tokens. B element (k = head dim, n = token)
+  // is K[token][dim], i.e. K rows are B's columns, contiguous in k: plain ldmatrix. Lane l addresses
+  // token kb + (l % 8) + 8 * (l / 16), dims 16ks + 8 * ((l / 8) % 2): matrix 0 = tokens 0-7 / dims 0-7
+  // -> b0 of n-tile 0, matrix 1 = tokens 0-7 / dims 8-15 -> b1 of n-tile 0, matrices 2, 3 the same
+  // for tokens 8-15 (n-tile 1).
+  float s[2][4];
+#pragma unroll
+  for (int nt = 0; nt < 2; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+  {
+    const int tok = kb + (lane % 8) + 8 * (lane / 16), col = 8 * ((lane / 8) % 2);
+#pragma unroll
+    for (int kstep = 0; kstep < KSTEPS; ++kstep) {
+      unsigned b[4];
+      rf::ldmatrix_x4(b, ks + tok * KS + kstep * 16 + col);
+      const int qk = Q_SMEM ? 0 : kstep;
+      if constexpr (Q_SMEM) rf::ldmatrix_x4(qf[0], q_frag + kstep * 16);
+      rf::mma_m16n8k16(s[0], qf[qk], b[0], b[1]);
+      rf::mma_m16n8k16(s[1], qf[qk], b[2], b[3]);
+    }
+  }
+
+  // s[nt][0], s[nt][1]: row gq, tokens t0 + kb + 8nt + 2cq + {0, 1}; s[nt][2], s[nt][3]: row gq + 8.
+  // (v4's clamped rows have pos >= end > lim: masked.)
+  float mx_lo = neg_inf(), mx_hi = neg_inf();
+#pragma unroll
+  for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int pos = t0 + kb + 8 * nt + 2 * cq + e;
+      s[nt][e] = pos <= lim_lo ? s[nt][e] * scale_log2 : neg_inf();
+      s[nt][2 + e] = pos <= lim_hi ? s[nt][2 + e] * scale_log2 : neg_inf();
+      mx_lo = fmaxf(mx_lo, s[nt][e]);
+      mx_hi = fmaxf(mx_hi, s[nt][2 + e]);
+    }
+  }
+  // A row's 16 values sit in the 4 lanes of a quad (same gq): reduce over lane bits 0 and 1.
+#pragma unroll
+  for (int off = 1; off <= 2; off <<= 1) {
+    mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, off));
+    mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, off));
+  }
+  const float mnew_lo = fmaxf(m_lo, mx_lo), mnew_hi = fmaxf(m_hi, mx_hi);
+  const float base_lo = mnew_lo == neg_inf() ? 0.f : mnew_lo;
+  const float base_hi = mnew_hi == neg_inf() ? 0.f : mnew_hi;
+  const float alpha_lo = exp2f(m_lo - base_lo), alpha_hi = exp2f(m_hi - base_hi);
+  m_lo = mnew_lo;
+  m_hi = mnew_hi;
+
+  // P = 2^(x - m) rounded to fp16 (the sum l uses the rounded values, so the weights in O and l agree).
+  // P as the A operand of P V (16 rows x 16 tokens): a0 = P[gq][2cq..] = s[0][0..1], a1 = P[gq+8][2cq..]
+  // = s[0][2..3], a2 = P[gq][8+2cq..] = s[1][0..1], a3 = P[gq+8][8+2cq..] = s[1][2..3].
+  unsigned pa[4];
+  float sum_lo = 0.f, sum_hi = 0.f;
+#pragma unroll
+  for (int nt = 0; nt < 2; ++nt) {
+    const __half2 lo = __floats2half2_rn(exp2f(s[nt][0] - base_lo), exp2f(s[nt][1] - base_lo));
+    const __half2 hi = __floats2half2_rn(exp2f(s[nt][2] - base_hi), exp2f(s[nt][3] - base_hi));
+    const float2 flo = __half22float2(lo), fhi = __half22float2(hi);
+    sum_lo += flo.x + flo.y;
+    sum_hi += fhi.x + fhi.y;
+    pa[2 * nt] = *reinterpret_cast<const unsigned*>(&lo);
+    pa[2 * nt + 1] = *reinterpret_cast<const unsigned*>(&hi);
+  }
+  l_lo = l_lo * alpha_lo + sum_lo;
+  l_hi = l_hi * alpha_hi + sum_hi;
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    o[nt][0] *= alpha_lo, o[nt][1] *= alpha_lo;
+    o[nt][2] *= alpha_hi, o[nt][3] *= alpha_hi;
+  }
+
+  // O += P V. B element (k = token, n = head dim) is V[token][dim]: V rows are B's rows, so ldmatrix
+  // .trans delivers b0 = (tokens 2cq, 2cq+1; dim gq). Lane l addresses token kb + (l % 8) + 8 * ((l / 8)
+  // % 2), dims 16 d2 + 8 * (l / 16): matrix 0 = tokens 0-7 / dims 0-7 -> b0 of n-tile 2 d2, matrix 1 =
+  // tokens 8-15 / dims 0-7 -> b1 of n-tile 2 d2, matrices 2, 3 the same for n-tile 2 d2 + 1.
+  {
+    const int tok = kb + (lane % 8) + 8 * ((lane / 8) % 2), col = 8 * (lane / 16);
+#pragma unroll
+    for (int d2 = 0; d2 < NT / 2; ++d2) {
+      unsigned b[4];
+      rf::ldmatrix_x4_trans(b, vs + tok * KS + d2 * 16 + col);
+      rf::mma_m16n8k16(o[2 * d2], pa, b[0], b[1]);
+      rf::mma_m16n8k16(o[2 * d2 + 1], pa, b[2], b[3]);
+    }
+  }
+}
+
+// Merges the 4 warps' (m, l, O) of the CTA's 16 rows and writes them: to out (fp16, normalised), or, when
+// part_out is set, to the split partials (part_out, and part_lse = M + log2 L). Called by the whole CTA after
+// its main loop. CP_ASYNC: first drain this thread's cp.async groups (v2, v3; v4 has nothing in flight).
+// Shared memory: wm_s, wl_s [kWarps][R], M_s, L_s [R], and o_s [kWarps][R][HD + 4] over the stage buffers
+// (the first __syncthreads makes that safe). A warp with no tile has m = -inf, l = 0, O = 0.
+template <int HD, bool CP_ASYNC>
+__device__ __forceinline__ void merge_warps_and_store(
+    float* wm_s, float* wl_s, float* M_s, float* L_s, float* o_s, const Work& w, int tid, int warp, int gq,
+    int cq, float m_lo, float m_hi, float l_lo, float l_hi, const float (&o)[HD / 8][4], __half* out,
+    float* part_out, float* part_lse, int head_dim, int q_len, int q_heads, int num_splits) {
+  constexpr int R = kMmaRows;
+  constexpr int NT = HD / 8;  // n-tiles of O
+  constexpr int OS = HD + 4;  // float row stride of the merge buffer
+  // Sums first over the quad (each lane summed its own columns).
+#pragma unroll
+  for (int off = 1; off <= 2; off <<= 1) {
+    l_lo += __shfl_xor_sync(0xffffffffu, l_lo, off);
+    l_hi += __shfl_xor_sync(0xffffffffu, l_hi, off);
+  }
+  if constexpr (CP_ASYNC) rf::cp_async_wait<0>();
+  __syncthreads();  // every warp is done with the stage buffers (no copy in flight): o_s may overwrite them
+  if (cq == 0) {
+    wm_s[warp * R + gq] = m_lo, wm_s[warp * R + gq + 8] = m_hi;
+    wl_s[warp * R + gq] = l_lo, wl_s[warp * R + gq + 8] = l_hi;
+  }
+  __syncthreads();
+  if (tid < R) {
+    float mx = neg_inf();
+#pragma unroll
+    for (int v = 0; v < kWarps; ++v) mx = fmaxf(mx, wm_s[v * R + tid]);
+    const float base = mx == neg_inf() ? 0.f : mx;
+    float total = 0.f;
+#pragma unroll
+    for (int v = 0; v < kWarps; ++v) total += wl_s[v * R + tid] * exp2f(wm_s[v * R + tid] - base);
+    M_s[tid] = base;
+    L_s[tid] = total;
+  }
+  __syncthreads();
+  {
+    const float f_lo = exp2f(m_lo - M_s[gq]), f_hi = exp2f(m_hi - M_s[gq + 8]);
+    float* ow = o_s + warp * R * OS;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const int d = 8 * nt + 2 * cq;
+      *reinterpret_cast<float2*>(ow + gq * OS + d) = make_float2(o[nt][0] * f_lo, o[nt][1] * f_lo);
+      *reinterpret_cast<float2*>(ow + (gq + 8) * OS + d) = make_float2(o[nt][2] * f_hi, o[nt][3] * f_hi);
+    }
+  }
+  __syncthreads();
+  const bool split = part_out != nullptr;
+  for (int i = tid; i < R * HD; i += kThreads) {
+    const int r = i / HD, d = i % HD, g = w.chunk * R + r;
+    if (g >= w.rows_total || d >= head_dim) continue;
+    float v = 0.f;
+#pragma unroll
+    for (int wv = 0; wv < kWarps; ++wv) v += o_s[(wv * R + r) * OS + d];
+    const float total = L_s[r];
+    v = total > 0.f ? v / total : 0.f;
+    const long long row = out_row(w, g, q_len, q_heads, split ? num_splits : 1);
+    if (split) {
+      part_out[row * head_dim + d] = v;
+      if (d == 0) part_lse[row] = total > 0.f ? M_s[r] + log2f(total) : neg_inf();
+    } else {
+      out[row * head_dim + d] = __float2half_rn(v);
+    }
+  }
+}
+
+}  // namespace rf_paged
+
 // T is always __half; it is a template parameter so that v1 and v2 share one argument list.
 template <typename T, int HD, int STAGES>
 __global__ void __launch_bounds__(rf_paged::kThreads, 2) paged_attention_v2(RF_PAGED_ARGS) {
@@ -422,15 +620,7 @@ __global__ void __launch_bounds__(rf_paged::kThreads, 2) paged_attention_v2(RF_P
     if (s < n_tiles) load_tile(s, s);
     rf::cp_async_commit();  // always commit: the group count stays uniform for wait_group
   }
-  for (int i = tid; i < R * HD; i += kThreads) {
-    const int r = i / HD, d = i % HD, g = w.chunk * R + r;
-    __half v = __float2half_rn(0.f);
-    if (g < w.rows_total && d < head_dim) {
-      const int t = g / w.group, h = w.kvh * w.group + g % w.group;
-      v = q[w.seq * q_ss + t * q_st + h * q_sh + d];
-    }
-    q_s[r * KS + d] = v;
-  }
+  stage_q<HD>(q_s, q, w, tid, head_dim, q_ss, q_st, q_sh);
   __syncthreads();
 
   // Q as the A operand, kept in registers: k-step ks covers head dims 16ks .. 16ks + 15. ldmatrix x4 lane
@@ -467,143 +657,13 @@ __global__ void __launch_bounds__(rf_paged::kThreads, 2) paged_attention_v2(RF_P
     const __half* vs = ks + TK * KS;
     const int t0 = w.start + tile * TK;
 
-    // S = Q K^T for this warp's 16 tokens: two n-tiles of 8 tokens. B element (k = head dim, n = token)
-    // is K[token][dim], i.e. K rows are B's columns, contiguous in k: plain ldmatrix. Lane l addresses
-    // token kb + (l % 8) + 8 * (l / 16), dims 16ks + 8 * ((l / 8) % 2): matrix 0 = tokens 0-7 / dims 0-7
-    // -> b0 of n-tile 0, matrix 1 = tokens 0-7 / dims 8-15 -> b1 of n-tile 0, matrices 2, 3 the same
-    // for tokens 8-15 (n-tile 1).
-    float s[2][4];
-#pragma unroll
-    for (int nt = 0; nt < 2; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
-    {
-      const int tok = kb + (lane % 8) + 8 * (lane / 16), col = 8 * ((lane / 8) % 2);
-#pragma unroll
-      for (int kstep = 0; kstep < KSTEPS; ++kstep) {
-        unsigned b[4];
-        rf::ldmatrix_x4(b, ks + tok * KS + kstep * 16 + col);
-        rf::mma_m16n8k16(s[0], qf[kstep], b[0], b[1]);
-        rf::mma_m16n8k16(s[1], qf[kstep], b[2], b[3]);
-      }
-    }
-
-    // s[nt][0], s[nt][1]: row gq, tokens t0 + kb + 8nt + 2cq + {0, 1}; s[nt][2], s[nt][3]: row gq + 8.
-    float mx_lo = neg_inf(), mx_hi = neg_inf();
-#pragma unroll
-    for (int nt = 0; nt < 2; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int pos = t0 + kb + 8 * nt + 2 * cq + e;
-        s[nt][e] = pos <= lim_lo ? s[nt][e] * scale_log2 : neg_inf();
-        s[nt][2 + e] = pos <= lim_hi ? s[nt][2 + e] * scale_log2 : neg_inf();
-        mx_lo = fmaxf(mx_lo, s[nt][e]);
-        mx_hi = fmaxf(mx_hi, s[nt][2 + e]);
-      }
-    }
-    // A row's 16 values sit in the 4 lanes of a quad (same gq): reduce over lane bits 0 and 1.
-#pragma unroll
-    for (int off = 1; off <= 2; off <<= 1) {
-      mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, off));
-      mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, off));
-    }
-    const float mnew_lo = fmaxf(m_lo, mx_lo), mnew_hi = fmaxf(m_hi, mx_hi);
-    const float base_lo = mnew_lo == neg_inf() ? 0.f : mnew_lo;
-    const float base_hi = mnew_hi == neg_inf() ? 0.f : mnew_hi;
-    const float alpha_lo = exp2f(m_lo - base_lo), alpha_hi = exp2f(m_hi - base_hi);
-    m_lo = mnew_lo;
-    m_hi = mnew_hi;
-
-    // P = 2^(x - m) rounded to fp16 (the sum l uses the rounded values, so the weights in O and l agree).
-    // P as the A operand of P V (16 rows x 16 tokens): a0 = P[gq][2cq..] = s[0][0..1], a1 = P[gq+8][2cq..]
-    // = s[0][2..3], a2 = P[gq][8+2cq..] = s[1][0..1], a3 = P[gq+8][8+2cq..] = s[1][2..3].
-    unsigned pa[4];
-    float sum_lo = 0.f, sum_hi = 0.f;
-#pragma unroll
-    for (int nt = 0; nt < 2; ++nt) {
-      const __half2 lo = __floats2half2_rn(exp2f(s[nt][0] - base_lo), exp2f(s[nt][1] - base_lo));
-      const __half2 hi = __floats2half2_rn(exp2f(s[nt][2] - base_hi), exp2f(s[nt][3] - base_hi));
-      const float2 flo = __half22float2(lo), fhi = __half22float2(hi);
-      sum_lo += flo.x + flo.y;
-      sum_hi += fhi.x + fhi.y;
-      pa[2 * nt] = *reinterpret_cast<const unsigned*>(&lo);
-      pa[2 * nt + 1] = *reinterpret_cast<const unsigned*>(&hi);
-    }
-    l_lo = l_lo * alpha_lo + sum_lo;
-    l_hi = l_hi * alpha_hi + sum_hi;
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-      o[nt][0] *= alpha_lo, o[nt][1] *= alpha_lo;
-      o[nt][2] *= alpha_hi, o[nt][3] *= alpha_hi;
-    }
-
-    // O += P V. B element (k = token, n = head dim) is V[token][dim]: V rows are B's rows, so ldmatrix
-    // .trans delivers b0 = (tokens 2cq, 2cq+1; dim gq). Lane l addresses token kb + (l % 8) + 8 * ((l / 8)
-    // % 2), dims 16 d2 + 8 * (l / 16): matrix 0 = tokens 0-7 / dims 0-7 -> b0 of n-tile 2 d2, matrix 1 =
-    // tokens 8-15 / dims 0-7 -> b1 of n-tile 2 d2, matrices 2, 3 the same for n-tile 2 d2 + 1.
-    {
-      const int tok = kb + (lane % 8) + 8 * ((lane / 8) % 2), col = 8 * (lane / 16);
-#pragma unroll
-      for (int d2 = 0; d2 < NT / 2; ++d2) {
-        unsigned b[4];
-        rf::ldmatrix_x4_trans(b, vs + tok * KS + d2 * 16 + col);
-        rf::mma_m16n8k16(o[2 * d2], pa, b[0], b[1]);
-        rf::mma_m16n8k16(o[2 * d2 + 1], pa, b[2], b[3]);
-      }
-    }
+    tile_step<HD, false>(ks, vs, kb, t0, qf, nullptr, lim_lo, lim_hi, scale_log2, lane, cq, m_lo, m_hi,
+                         l_lo, l_hi, o);
   }
 
-  // Merge the 4 warps. Sums first over the quad (each lane summed its own columns).
-#pragma unroll
-  for (int off = 1; off <= 2; off <<= 1) {
-    l_lo += __shfl_xor_sync(0xffffffffu, l_lo, off);
-    l_hi += __shfl_xor_sync(0xffffffffu, l_hi, off);
-  }
-  rf::cp_async_wait<0>();
-  __syncthreads();  // every warp is done with the stage buffers: o_s may overwrite them
-  if (cq == 0) {
-    wm_s[warp * R + gq] = m_lo, wm_s[warp * R + gq + 8] = m_hi;
-    wl_s[warp * R + gq] = l_lo, wl_s[warp * R + gq + 8] = l_hi;
-  }
-  __syncthreads();
-  if (tid < R) {
-    float mx = neg_inf();
-#pragma unroll
-    for (int v = 0; v < kWarps; ++v) mx = fmaxf(mx, wm_s[v * R + tid]);
-    const float base = mx == neg_inf() ? 0.f : mx;
-    float total = 0.f;
-#pragma unroll
-    for (int v = 0; v < kWarps; ++v) total += wl_s[v * R + tid] * exp2f(wm_s[v * R + tid] - base);
-    M_s[tid] = base;
-    L_s[tid] = total;
-  }
-  __syncthreads();
-  {
-    const float f_lo = exp2f(m_lo - M_s[gq]), f_hi = exp2f(m_hi - M_s[gq + 8]);
-    float* ow = o_s + warp * R * OS;
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-      const int d = 8 * nt + 2 * cq;
-      *reinterpret_cast<float2*>(ow + gq * OS + d) = make_float2(o[nt][0] * f_lo, o[nt][1] * f_lo);
-      *reinterpret_cast<float2*>(ow + (gq + 8) * OS + d) = make_float2(o[nt][2] * f_hi, o[nt][3] * f_hi);
-    }
-  }
-  __syncthreads();
-  const bool split = part_out != nullptr;
-  for (int i = tid; i < R * HD; i += kThreads) {
-    const int r = i / HD, d = i % HD, g = w.chunk * R + r;
-    if (g >= w.rows_total || d >= head_dim) continue;
-    float v = 0.f;
-#pragma unroll
-    for (int wv = 0; wv < kWarps; ++wv) v += o_s[(wv * R + r) * OS + d];
-    const float total = L_s[r];
-    v = total > 0.f ? v / total : 0.f;
-    const long long row = out_row(w, g, q_len, q_heads, split ? num_splits : 1);
-    if (split) {
-      part_out[row * head_dim + d] = v;
-      if (d == 0) part_lse[row] = total > 0.f ? M_s[r] + log2f(total) : neg_inf();
-    } else {
-      out[row * head_dim + d] = __float2half_rn(v);
-    }
-  }
+  // Merge the 4 warps and write the rows.
+  merge_warps_and_store<HD, true>(wm_s, wl_s, M_s, L_s, o_s, w, tid, warp, gq, cq, m_lo, m_hi, l_lo, l_hi, o,
+                                  out, part_out, part_lse, head_dim, q_len, q_heads, num_splits);
 }
 
 // ---- v3: tensor cores, one cp.async pipeline per warp -----------------------------------------------------
@@ -737,15 +797,7 @@ __global__ void __launch_bounds__(rf_paged::kThreads, STAGES == 2 ? 3 : 2) paged
   }
   Ids next_id = ids[STAGES - 1];  // at the top of iteration n: the ids of tile n + STAGES - 1
 
-  for (int i = tid; i < R * HD; i += kThreads) {
-    const int r = i / HD, d = i % HD, g = w.chunk * R + r;
-    __half v = __float2half_rn(0.f);
-    if (g < w.rows_total && d < head_dim) {
-      const int t = g / w.group, h = w.kvh * w.group + g % w.group;
-      v = q[w.seq * q_ss + t * q_st + h * q_sh + d];
-    }
-    q_s[r * KS + d] = v;
-  }
+  stage_q<HD>(q_s, q, w, tid, head_dim, q_ss, q_st, q_sh);
   __syncthreads();  // the only CTA barrier before the merge
 
   // Q as the A operand (ldmatrix addressing as in v2): kept in registers, or, in the 3-CTAs-per-SM variant
@@ -786,135 +838,14 @@ __global__ void __launch_bounds__(rf_paged::kThreads, STAGES == 2 ? 3 : 2) paged
     const int t0 = tile_start(n);
     if (++stage == STAGES) stage = 0;
 
-    // S = Q K^T for the tile's 16 tokens (ldmatrix addressing as in v2 with kb = 0).
-    float s[2][4];
-#pragma unroll
-    for (int nt = 0; nt < 2; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
-    {
-      const int tok = (lane % 8) + 8 * (lane / 16), col = 8 * ((lane / 8) % 2);
-#pragma unroll
-      for (int kstep = 0; kstep < KSTEPS; ++kstep) {
-        unsigned b[4];
-        rf::ldmatrix_x4(b, ks + tok * KS + kstep * 16 + col);
-        const int qk = kQFromSmem ? 0 : kstep;
-        if constexpr (kQFromSmem) rf::ldmatrix_x4(qf[0], q_frag + kstep * 16);
-        rf::mma_m16n8k16(s[0], qf[qk], b[0], b[1]);
-        rf::mma_m16n8k16(s[1], qf[qk], b[2], b[3]);
-      }
-    }
-
-    // s[nt][0..1]: row gq, tokens t0 + 8nt + 2cq + {0, 1}; s[nt][2..3]: row gq + 8.
-    float mx_lo = neg_inf(), mx_hi = neg_inf();
-#pragma unroll
-    for (int nt = 0; nt < 2; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int pos = t0 + 8 * nt + 2 * cq + e;
-        s[nt][e] = pos <= lim_lo ? s[nt][e] * scale_log2 : neg_inf();
-        s[nt][2 + e] = pos <= lim_hi ? s[nt][2 + e] * scale_log2 : neg_inf();
-        mx_lo = fmaxf(mx_lo, s[nt][e]);
-        mx_hi = fmaxf(mx_hi, s[nt][2 + e]);
-      }
-    }
-#pragma unroll
-    for (int off = 1; off <= 2; off <<= 1) {
-      mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, off));
-      mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, off));
-    }
-    const float mnew_lo = fmaxf(m_lo, mx_lo), mnew_hi = fmaxf(m_hi, mx_hi);
-    const float base_lo = mnew_lo == neg_inf() ? 0.f : mnew_lo;
-    const float base_hi = mnew_hi == neg_inf() ? 0.f : mnew_hi;
-    const float alpha_lo = exp2f(m_lo - base_lo), alpha_hi = exp2f(m_hi - base_hi);
-    m_lo = mnew_lo;
-    m_hi = mnew_hi;
-
-    // P in fp16 as the A operand of P V; l sums the rounded values (as in v2).
-    unsigned pa[4];
-    float sum_lo = 0.f, sum_hi = 0.f;
-#pragma unroll
-    for (int nt = 0; nt < 2; ++nt) {
-      const __half2 lo = __floats2half2_rn(exp2f(s[nt][0] - base_lo), exp2f(s[nt][1] - base_lo));
-      const __half2 hi = __floats2half2_rn(exp2f(s[nt][2] - base_hi), exp2f(s[nt][3] - base_hi));
-      const float2 flo = __half22float2(lo), fhi = __half22float2(hi);
-      sum_lo += flo.x + flo.y;
-      sum_hi += fhi.x + fhi.y;
-      pa[2 * nt] = *reinterpret_cast<const unsigned*>(&lo);
-      pa[2 * nt + 1] = *reinterpret_cast<const unsigned*>(&hi);
-    }
-    l_lo = l_lo * alpha_lo + sum_lo;
-    l_hi = l_hi * alpha_hi + sum_hi;
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-      o[nt][0] *= alpha_lo, o[nt][1] *= alpha_lo;
-      o[nt][2] *= alpha_hi, o[nt][3] *= alpha_hi;
-    }
-
-    // O += P V (ldmatrix .trans addressing as in v2 with kb = 0).
-    {
-      const int tok = (lane % 8) + 8 * ((lane / 8) % 2), col = 8 * (lane / 16);
-#pragma unroll
-      for (int d2 = 0; d2 < NT / 2; ++d2) {
-        unsigned b[4];
-        rf::ldmatrix_x4_trans(b, vs + tok * KS + d2 * 16 + col);
-        rf::mma_m16n8k16(o[2 * d2], pa, b[0], b[1]);
-        rf::mma_m16n8k16(o[2 * d2 + 1], pa, b[2], b[3]);
-      }
-    }
+    // S = Q K^T, online softmax, O += P V for the tile's 16 tokens (kb = 0).
+    tile_step<HD, kQFromSmem>(ks, vs, 0, t0, qf, q_frag, lim_lo, lim_hi, scale_log2, lane, cq, m_lo, m_hi,
+                              l_lo, l_hi, o);
   }
 
   // Merge the 4 warps' (m, l, O) once, as in v2 (a warp with no tile has m = -inf, l = 0, O = 0).
-#pragma unroll
-  for (int off = 1; off <= 2; off <<= 1) {
-    l_lo += __shfl_xor_sync(0xffffffffu, l_lo, off);
-    l_hi += __shfl_xor_sync(0xffffffffu, l_hi, off);
-  }
-  rf::cp_async_wait<0>();
-  __syncthreads();  // every warp is done with its stage buffers: o_s may overwrite them
-  if (cq == 0) {
-    wm_s[warp * R + gq] = m_lo, wm_s[warp * R + gq + 8] = m_hi;
-    wl_s[warp * R + gq] = l_lo, wl_s[warp * R + gq + 8] = l_hi;
-  }
-  __syncthreads();
-  if (tid < R) {
-    float mx = neg_inf();
-#pragma unroll
-    for (int v = 0; v < kWarps; ++v) mx = fmaxf(mx, wm_s[v * R + tid]);
-    const float base = mx == neg_inf() ? 0.f : mx;
-    float total = 0.f;
-#pragma unroll
-    for (int v = 0; v < kWarps; ++v) total += wl_s[v * R + tid] * exp2f(wm_s[v * R + tid] - base);
-    M_s[tid] = base;
-    L_s[tid] = total;
-  }
-  __syncthreads();
-  {
-    const float f_lo = exp2f(m_lo - M_s[gq]), f_hi = exp2f(m_hi - M_s[gq + 8]);
-    float* ow = o_s + warp * R * OS;
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-      const int d = 8 * nt + 2 * cq;
-      *reinterpret_cast<float2*>(ow + gq * OS + d) = make_float2(o[nt][0] * f_lo, o[nt][1] * f_lo);
-      *reinterpret_cast<float2*>(ow + (gq + 8) * OS + d) = make_float2(o[nt][2] * f_hi, o[nt][3] * f_hi);
-    }
-  }
-  __syncthreads();
-  const bool split = part_out != nullptr;
-  for (int i = tid; i < R * HD; i += kThreads) {
-    const int r = i / HD, d = i % HD, g = w.chunk * R + r;
-    if (g >= w.rows_total || d >= head_dim) continue;
-    float v = 0.f;
-#pragma unroll
-    for (int wv = 0; wv < kWarps; ++wv) v += o_s[(wv * R + r) * OS + d];
-    const float total = L_s[r];
-    v = total > 0.f ? v / total : 0.f;
-    const long long row = out_row(w, g, q_len, q_heads, split ? num_splits : 1);
-    if (split) {
-      part_out[row * head_dim + d] = v;
-      if (d == 0) part_lse[row] = total > 0.f ? M_s[r] + log2f(total) : neg_inf();
-    } else {
-      out[row * head_dim + d] = __float2half_rn(v);
-    }
-  }
+  merge_warps_and_store<HD, true>(wm_s, wl_s, M_s, L_s, o_s, w, tid, warp, gq, cq, m_lo, m_hi, l_lo, l_hi, o,
+                                  out, part_out, part_lse, head_dim, q_len, q_heads, num_splits);
 }
 
 // ---- v4: tensor cores, per-warp pipelines fed by TMA bulk copies (sm_90+) -------------------------------
@@ -1088,15 +1019,7 @@ __global__ void __launch_bounds__(rf_paged::kThreads, rf_paged::v4_min_ctas(HD, 
     if (s < n_tiles) issue_tile(s, ids[s], s);
   Ids next_id = ids[STAGES - 1];  // at the top of iteration n: the ids of tile n + STAGES - 1
 
-  for (int i = tid; i < R * HD; i += kThreads) {
-    const int r = i / HD, d = i % HD, g = w.chunk * R + r;
-    __half v = __float2half_rn(0.f);
-    if (g < w.rows_total && d < head_dim) {
-      const int t = g / w.group, h = w.kvh * w.group + g % w.group;
-      v = q[w.seq * q_ss + t * q_st + h * q_sh + d];
-    }
-    q_s[r * KS + d] = v;
-  }
+  stage_q<HD>(q_s, q, w, tid, head_dim, q_ss, q_st, q_sh);
   __syncthreads();  // the only CTA barrier before the merge
 
   const __half* q_frag = q_s + ((lane % 8) + 8 * ((lane / 8) % 2)) * KS + 8 * (lane / 16);
@@ -1128,127 +1051,14 @@ __global__ void __launch_bounds__(rf_paged::kThreads, rf_paged::v4_min_ctas(HD, 
     const int t0 = tile_start(n);
     if (++stage == STAGES) stage = 0, parity ^= 1u;
 
-    // From here the tile's math is v3's, line for line.
-    float s[2][4];
-#pragma unroll
-    for (int nt = 0; nt < 2; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
-    {
-      const int tok = (lane % 8) + 8 * (lane / 16), col = 8 * ((lane / 8) % 2);
-#pragma unroll
-      for (int kstep = 0; kstep < KSTEPS; ++kstep) {
-        unsigned b[4];
-        rf::ldmatrix_x4(b, ks + tok * KS + kstep * 16 + col);
-        rf::mma_m16n8k16(s[0], qf[kstep], b[0], b[1]);
-        rf::mma_m16n8k16(s[1], qf[kstep], b[2], b[3]);
-      }
-    }
-    float mx_lo = neg_inf(), mx_hi = neg_inf();
-#pragma unroll
-    for (int nt = 0; nt < 2; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int pos = t0 + 8 * nt + 2 * cq + e;  // clamped rows: pos >= end > lim, masked
-        s[nt][e] = pos <= lim_lo ? s[nt][e] * scale_log2 : neg_inf();
-        s[nt][2 + e] = pos <= lim_hi ? s[nt][2 + e] * scale_log2 : neg_inf();
-        mx_lo = fmaxf(mx_lo, s[nt][e]);
-        mx_hi = fmaxf(mx_hi, s[nt][2 + e]);
-      }
-    }
-#pragma unroll
-    for (int off = 1; off <= 2; off <<= 1) {
-      mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, off));
-      mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, off));
-    }
-    const float mnew_lo = fmaxf(m_lo, mx_lo), mnew_hi = fmaxf(m_hi, mx_hi);
-    const float base_lo = mnew_lo == neg_inf() ? 0.f : mnew_lo;
-    const float base_hi = mnew_hi == neg_inf() ? 0.f : mnew_hi;
-    const float alpha_lo = exp2f(m_lo - base_lo), alpha_hi = exp2f(m_hi - base_hi);
-    m_lo = mnew_lo;
-    m_hi = mnew_hi;
-
-    unsigned pa[4];
-    float sum_lo = 0.f, sum_hi = 0.f;
-#pragma unroll
-    for (int nt = 0; nt < 2; ++nt) {
-      const __half2 lo = __floats2half2_rn(exp2f(s[nt][0] - base_lo), exp2f(s[nt][1] - base_lo));
-      const __half2 hi = __floats2half2_rn(exp2f(s[nt][2] - base_hi), exp2f(s[nt][3] - base_hi));
-      const float2 flo = __half22float2(lo), fhi = __half22float2(hi);
-      sum_lo += flo.x + flo.y;
-      sum_hi += fhi.x + fhi.y;
-      pa[2 * nt] = *reinterpret_cast<const unsigned*>(&lo);
-      pa[2 * nt + 1] = *reinterpret_cast<const unsigned*>(&hi);
-    }
-    l_lo = l_lo * alpha_lo + sum_lo;
-    l_hi = l_hi * alpha_hi + sum_hi;
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-      o[nt][0] *= alpha_lo, o[nt][1] *= alpha_lo;
-      o[nt][2] *= alpha_hi, o[nt][3] *= alpha_hi;
-    }
-    {
-      const int tok = (lane % 8) + 8 * ((lane / 8) % 2), col = 8 * (lane / 16);
-#pragma unroll
-      for (int d2 = 0; d2 < NT / 2; ++d2) {
-        unsigned b[4];
-        rf::ldmatrix_x4_trans(b, vs + tok * KS + d2 * 16 + col);
-        rf::mma_m16n8k16(o[2 * d2], pa, b[0], b[1]);
-        rf::mma_m16n8k16(o[2 * d2 + 1], pa, b[2], b[3]);
-      }
-    }
+    // From here the tile's math is v3's.
+    tile_step<HD, false>(ks, vs, 0, t0, qf, q_frag, lim_lo, lim_hi, scale_log2, lane, cq, m_lo, m_hi, l_lo,
+                         l_hi, o);
   }
 
-  // Merge the 4 warps' (m, l, O) once, as in v3.
-#pragma unroll
-  for (int off = 1; off <= 2; off <<= 1) {
-    l_lo += __shfl_xor_sync(0xffffffffu, l_lo, off);
-    l_hi += __shfl_xor_sync(0xffffffffu, l_hi, off);
-  }
-  __syncthreads();  // every warp is done with its stage buffers (no copy in flight): o_s may overwrite them
-  if (cq == 0) {
-    wm_s[warp * R + gq] = m_lo, wm_s[warp * R + gq + 8] = m_hi;
-    wl_s[warp * R + gq] = l_lo, wl_s[warp * R + gq + 8] = l_hi;
-  }
-  __syncthreads();
-  if (tid < R) {
-    float mx = neg_inf();
-#pragma unroll
-    for (int v = 0; v < kWarps; ++v) mx = fmaxf(mx, wm_s[v * R + tid]);
-    const float base = mx == neg_inf() ? 0.f : mx;
-    float total = 0.f;
-#pragma unroll
-    for (int v = 0; v < kWarps; ++v) total += wl_s[v * R + tid] * exp2f(wm_s[v * R + tid] - base);
-    M_s[tid] = base;
-    L_s[tid] = total;
-  }
-  __syncthreads();
-  {
-    const float f_lo = exp2f(m_lo - M_s[gq]), f_hi = exp2f(m_hi - M_s[gq + 8]);
-    float* ow = o_s + warp * R * OS;
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-      const int d = 8 * nt + 2 * cq;
-      *reinterpret_cast<float2*>(ow + gq * OS + d) = make_float2(o[nt][0] * f_lo, o[nt][1] * f_lo);
-      *reinterpret_cast<float2*>(ow + (gq + 8) * OS + d) = make_float2(o[nt][2] * f_hi, o[nt][3] * f_hi);
-    }
-  }
-  __syncthreads();
-  const bool split = part_out != nullptr;
-  for (int i = tid; i < R * HD; i += kThreads) {
-    const int r = i / HD, d = i % HD, g = w.chunk * R + r;
-    if (g >= w.rows_total || d >= head_dim) continue;
-    float v = 0.f;
-#pragma unroll
-    for (int wv = 0; wv < kWarps; ++wv) v += o_s[(wv * R + r) * OS + d];
-    const float total = L_s[r];
-    v = total > 0.f ? v / total : 0.f;
-    const long long row = out_row(w, g, q_len, q_heads, split ? num_splits : 1);
-    if (split) {
-      part_out[row * head_dim + d] = v;
-      if (d == 0) part_lse[row] = total > 0.f ? M_s[r] + log2f(total) : neg_inf();
-    } else {
-      out[row * head_dim + d] = __float2half_rn(v);
-    }
-  }
+  // Merge the 4 warps' (m, l, O) once, as in v3 (every tile issued was waited for: nothing in flight).
+  merge_warps_and_store<HD, false>(wm_s, wl_s, M_s, L_s, o_s, w, tid, warp, gq, cq, m_lo, m_hi, l_lo, l_hi, o,
+                                   out, part_out, part_lse, head_dim, q_len, q_heads, num_splits);
 #endif
 }
 
