@@ -114,51 +114,13 @@ __device__ __forceinline__ Seq sequence(const int* cu_q, const int* cu_k, int se
   return s;
 }
 
-// ---- inline PTX (v2) -------------------------------------------------------------------------------------
-__device__ __forceinline__ u32 smem_addr(const void* p) {
-  return static_cast<u32>(__cvta_generic_to_shared(p));
-}
-
-// 16-byte global->shared copy; `full` false copies nothing and zero-fills the 16 bytes (src-size 0).
-__device__ __forceinline__ void cp_async16(u32 dst, const void* src, bool full) {
-  const int src_size = full ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_size));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N> __device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-
-__device__ __forceinline__ void ldmatrix_x4(u32 (&r)[4], u32 addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-__device__ __forceinline__ void ldmatrix_x4_trans(u32 (&r)[4], u32 addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-
-// c += a * b for one m16n8k16 tile (fp16 inputs, fp32 accumulate).
-__device__ __forceinline__ void mma_16816(float (&c)[4], const u32 (&a)[4], u32 b0, u32 b1) {
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
+// ---- inline PTX: cp.async, ldmatrix, mma and pack_half2 come from common.cuh (namespace rf) ----------
 
 // 2^x, flushing denormals; 2^-inf = +0.
 __device__ __forceinline__ float fast_exp2(float x) {
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
   return y;
-}
-
-// Two floats as one .f16x2 register: `lo` in the low half (the lower column index of a fragment pair).
-__device__ __forceinline__ u32 pack_half2(float lo, float hi) {
-  const __half2 h = __floats2half2_rn(lo, hi);
-  return *reinterpret_cast<const u32*>(&h);
 }
 
 }  // namespace rf_attention
@@ -352,7 +314,7 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS <= 4 ? 2 : 1) attention_v2(R
   constexpr int NT = BN / 8;        // n8 tiles of S (keys)
   constexpr int DT = D / 8;         // n8 tiles of O (head dim)
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  const u32 q_smem = smem_addr(smem_raw);
+  const u32 q_smem = rf::smem_addr(smem_raw);
   const u32 k_smem = q_smem + BM * ROW_BYTES;      // [2][BN][D]
   const u32 v_smem = k_smem + 2 * BN * ROW_BYTES;  // [2][BN][D]
 
@@ -386,9 +348,9 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS <= 4 ? 2 : 1) attention_v2(R
       const int i = row / pack, qh = hy * pack + row % pack;
       src = q + b * q_sb + (long long)(sq.q_start + i) * q_ss + qh * q_sh + c * 8;
     }
-    cp_async16(q_smem + r * ROW_BYTES + swizzle<CH>(r, c) * 16, src, ok);
+    rf::cp_async_16(q_smem + r * ROW_BYTES + swizzle<CH>(r, c) * 16, src, ok);
   }
-  cp_async_commit();
+  rf::cp_async_commit();
 
   // K/V tile `t` into buffer t % 2 (rows past len_k zero-filled: P is 0 there, V must not be NaN).
   auto load_kv = [&](int t) {
@@ -399,12 +361,12 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS <= 4 ? 2 : 1) attention_v2(R
       const bool ok = n0 + r < sq.len_k;
       const long long tok = ok ? n0 + r : 0;
       const u32 dst = r * ROW_BYTES + swizzle<CH>(r, c) * 16;
-      cp_async16(ks + dst, kb + tok * k_ss + c * 8, ok);
-      cp_async16(vs + dst, vb + tok * v_ss + c * 8, ok);
+      rf::cp_async_16(ks + dst, kb + tok * k_ss + c * 8, ok);
+      rf::cp_async_16(vs + dst, vb + tok * v_ss + c * 8, ok);
     }
   };
   if (n_tiles > 0) load_kv(0);
-  cp_async_commit();  // group 1 (possibly empty)
+  rf::cp_async_commit();  // group 1 (possibly empty)
 
   const int warp = tid / 32, lane = tid % 32;
   const int g = lane >> 2, tq = lane & 3;  // fragment row group and thread-in-quad
@@ -423,7 +385,7 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS <= 4 ? 2 : 1) attention_v2(R
     }
   }
 
-  cp_async_wait<1>();  // Q landed
+  rf::cp_async_wait<1>();  // Q landed
   __syncthreads();
   // Q fragments (A operand), one per k-step: lanes 0-7 rows 0-7 / chunk 2ks, 8-15 rows 8-15 / 2ks,
   // 16-23 rows 0-7 / 2ks+1, 24-31 rows 8-15 / 2ks+1  ->  a0 (g, k 2t), a1 (g+8, 2t), a2 (g, 2t+8), a3 (g+8, 2t+8).
@@ -432,7 +394,7 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS <= 4 ? 2 : 1) attention_v2(R
     const int r = warp * 16 + (lane & 7) + 8 * ((lane >> 3) & 1);
 #pragma unroll
     for (int ks = 0; ks < KT; ++ks)
-      ldmatrix_x4(qf[ks], q_smem + r * ROW_BYTES + swizzle<CH>(r, 2 * ks + (lane >> 4)) * 16);
+      rf::ldmatrix_x4(qf[ks], q_smem + r * ROW_BYTES + swizzle<CH>(r, 2 * ks + (lane >> 4)) * 16);
   }
 
   float o[DT][4];  // O accumulator: o[dt] = C fragment of head-dim columns 8dt..8dt+7
@@ -444,10 +406,10 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS <= 4 ? 2 : 1) attention_v2(R
   for (int t = 0; t < n_tiles; ++t) {
     if (t + 1 < n_tiles) {
       load_kv(t + 1);  // into the buffer tile t-1 used; the barrier at the end of t-1 freed it
-      cp_async_commit();
-      cp_async_wait<1>();  // everything but the newest group: tile t is in
+      rf::cp_async_commit();
+      rf::cp_async_wait<1>();  // everything but the newest group: tile t is in
     } else {
-      cp_async_wait<0>();
+      rf::cp_async_wait<0>();
     }
     __syncthreads();
     const u32 ks_base = k_smem + (t & 1) * BN * ROW_BYTES;
@@ -466,9 +428,9 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS <= 4 ? 2 : 1) attention_v2(R
         // 16-23: keys 16np+8..15 / 2ks (b0 of 2np+1); 24-31: keys +8..15 / 2ks+1 (b1 of 2np+1).
         const int r = 16 * np + (lane & 7) + 8 * (lane >> 4);
         u32 kf[4];
-        ldmatrix_x4(kf, ks_base + r * ROW_BYTES + swizzle<CH>(r, 2 * ks + ((lane >> 3) & 1)) * 16);
-        mma_16816(s[2 * np], qf[ks], kf[0], kf[1]);
-        mma_16816(s[2 * np + 1], qf[ks], kf[2], kf[3]);
+        rf::ldmatrix_x4(kf, ks_base + r * ROW_BYTES + swizzle<CH>(r, 2 * ks + ((lane >> 3) & 1)) * 16);
+        rf::mma_m16n8k16(s[2 * np], qf[ks], kf[0], kf[1]);
+        rf::mma_m16n8k16(s[2 * np + 1], qf[ks], kf[2], kf[3]);
       }
     }
 
@@ -502,7 +464,7 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS <= 4 ? 2 : 1) attention_v2(R
       for (int nt = 0; nt < NT; ++nt) {
         const float p0 = fast_exp2(s[nt][2 * h] - m_use), p1 = fast_exp2(s[nt][2 * h + 1] - m_use);
         sum += p0 + p1;
-        pf[nt][h] = pack_half2(p0, p1);
+        pf[nt][h] = rf::pack_half2(p0, p1);
       }
       l_run[h] = l_run[h] * alpha + sum;
 #pragma unroll
@@ -524,9 +486,9 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS <= 4 ? 2 : 1) attention_v2(R
         // 2dp); 16-23: keys +0..7 / 2dp+1 (b0 of 2dp+1); 24-31: keys +8..15 / 2dp+1 (b1 of 2dp+1).
         const int r = 16 * kk + (lane & 7) + 8 * ((lane >> 3) & 1);
         u32 vf[4];
-        ldmatrix_x4_trans(vf, vs_base + r * ROW_BYTES + swizzle<CH>(r, 2 * dp + (lane >> 4)) * 16);
-        mma_16816(o[2 * dp], pa, vf[0], vf[1]);
-        mma_16816(o[2 * dp + 1], pa, vf[2], vf[3]);
+        rf::ldmatrix_x4_trans(vf, vs_base + r * ROW_BYTES + swizzle<CH>(r, 2 * dp + (lane >> 4)) * 16);
+        rf::mma_m16n8k16(o[2 * dp], pa, vf[0], vf[1]);
+        rf::mma_m16n8k16(o[2 * dp + 1], pa, vf[2], vf[3]);
       }
     }
     __syncthreads();  // every warp is done with buffer t % 2 before iteration t+1 refills it
@@ -584,7 +546,7 @@ __global__ void __launch_bounds__(rf_attention::kV4Threads, 2) attention_v4(RF_A
   constexpr bool LAZY = MT * 4 * (DT + NT) < 192;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   // Shared-memory addresses: sb + an offset; the tiles start at offsets that are multiples of ROW_BYTES.
-  const u32 sb = smem_addr(smem_raw);
+  const u32 sb = rf::smem_addr(smem_raw);
   constexpr u32 Q_OFF = 0, K_OFF = BM * ROW_BYTES, V_OFF = K_OFF + 2 * BN * ROW_BYTES;
   const u32 q_smem = sb + Q_OFF, k_smem = sb + K_OFF, v_smem = sb + V_OFF;
 
@@ -616,9 +578,9 @@ __global__ void __launch_bounds__(rf_attention::kV4Threads, 2) attention_v4(RF_A
       const int i = row / pack, qh = hy * pack + row % pack;
       src = q + b * q_sb + (long long)(sq.q_start + i) * q_ss + qh * q_sh + c * 8;
     }
-    cp_async16(q_smem + r * ROW_BYTES + swizzle<CH>(r, c) * 16, src, ok);
+    rf::cp_async_16(q_smem + r * ROW_BYTES + swizzle<CH>(r, c) * 16, src, ok);
   }
-  cp_async_commit();
+  rf::cp_async_commit();
 
   // One K or V tile `t` into buffer t % 2; rows past len_k zero-filled (P is 0 there, V must not be NaN).
   // When CH divides the thread count (D = 64, 128) a thread always copies chunk c = tid % CH of rows
@@ -635,7 +597,7 @@ __global__ void __launch_bounds__(rf_attention::kV4Threads, 2) attention_v4(RF_A
 #pragma unroll
       for (int i = 0; i < BN / RPP; ++i) {
         const bool ok = n0 + r0 + i * RPP < sq.len_k;
-        cp_async16(dst + i * RPP * ROW_BYTES, ok ? p : src, ok);
+        rf::cp_async_16(dst + i * RPP * ROW_BYTES, ok ? p : src, ok);
         p += RPP * ss;
       }
     } else {  // D = 96: RPP = 10 rows per pass (8 threads idle); the swizzle varies with the row
@@ -647,7 +609,7 @@ __global__ void __launch_bounds__(rf_attention::kV4Threads, 2) attention_v4(RF_A
         const int r = r0 + i * RPP;
         if (r0 < RPP && r < BN) {
           const bool ok = n0 + r < sq.len_k;
-          cp_async16(dst0 + r * ROW_BYTES + swizzle<CH>(r, c) * 16, ok ? p : src, ok);
+          rf::cp_async_16(dst0 + r * ROW_BYTES + swizzle<CH>(r, c) * 16, ok ? p : src, ok);
         }
         p += RPP * ss;
       }
@@ -656,9 +618,9 @@ __global__ void __launch_bounds__(rf_attention::kV4Threads, 2) attention_v4(RF_A
   // Commit groups, in order: Q, K0, V0, then per tile t: K(t+1), V(t+1) (empty groups past the last tile,
   // so "wait_group 2" always means: everything but the two newest groups has landed).
   if (n_tiles > 0) load_tile(k_smem, kb, k_ss, 0);
-  cp_async_commit();
+  rf::cp_async_commit();
   if (n_tiles > 0) load_tile(v_smem, vb, v_ss, 0);
-  cp_async_commit();
+  rf::cp_async_commit();
 
   const int warp = tid / 32, lane = tid % 32;
   const int g = lane >> 2, tq = lane & 3;
@@ -711,13 +673,13 @@ __global__ void __launch_bounds__(rf_attention::kV4Threads, 2) attention_v4(RF_A
   const u32 v_row = V_OFF + v_r * ROW_BYTES, v_l16 = swizzle<CH>(v_r, lane >> 4) * 16;
   u32 qf[QREG ? MT : 1][QREG ? KT : 1][4];
   if constexpr (QREG) {
-    cp_async_wait<2>();  // Q landed (K0, V0 may be in flight)
+    rf::cp_async_wait<2>();  // Q landed (K0, V0 may be in flight)
     __syncthreads();
 #pragma unroll
     for (int mi = 0; mi < MT; ++mi)
 #pragma unroll
       for (int ks = 0; ks < KT; ++ks)
-        ldmatrix_x4(qf[mi][ks], sb + frag(q_row, q_l16, ks) + 16 * mi * ROW_BYTES);
+        rf::ldmatrix_x4(qf[mi][ks], sb + frag(q_row, q_l16, ks) + 16 * mi * ROW_BYTES);
   }
 
   float o[MT][DT][4];
@@ -736,8 +698,8 @@ __global__ void __launch_bounds__(rf_attention::kV4Threads, 2) attention_v4(RF_A
   for (int t = 0; t < n_tiles; ++t) {
     // K(t+1) into the buffer K(t-1) used: every warp finished S(t-1) before the V barrier of t-1.
     if (t + 1 < n_tiles) load_tile(k_smem, kb, k_ss, t + 1);
-    cp_async_commit();
-    cp_async_wait<2>();  // K(t) (and Q) landed; V(t), K(t+1) may be in flight
+    rf::cp_async_commit();
+    rf::cp_async_wait<2>();  // K(t) (and Q) landed; V(t), K(t+1) may be in flight
     __syncthreads();
     const u32 buf = (t & 1) * BN * ROW_BYTES;
     const int n0 = t * BN;
@@ -760,17 +722,17 @@ __global__ void __launch_bounds__(rf_attention::kV4Threads, 2) attention_v4(RF_A
 #pragma unroll
           for (int e = 0; e < 4; ++e) qa[mi][e] = qf[mi][ks][e];
         } else {
-          ldmatrix_x4(qa[mi], sb + frag(q_row_t, q_l16, ks) + 16 * mi * ROW_BYTES);
+          rf::ldmatrix_x4(qa[mi], sb + frag(q_row_t, q_l16, ks) + 16 * mi * ROW_BYTES);
         }
       }
 #pragma unroll
       for (int np = 0; np < NT / 2; ++np) {
         u32 kf[4];  // keys 16np .. 16np+15: feeds both m16 tiles
-        ldmatrix_x4(kf, sb + frag(k_row + buf, k_l16, ks) + 16 * np * ROW_BYTES);
+        rf::ldmatrix_x4(kf, sb + frag(k_row + buf, k_l16, ks) + 16 * np * ROW_BYTES);
 #pragma unroll
         for (int mi = 0; mi < MT; ++mi) {
-          mma_16816(s[mi][2 * np], qa[mi], kf[0], kf[1]);
-          mma_16816(s[mi][2 * np + 1], qa[mi], kf[2], kf[3]);
+          rf::mma_m16n8k16(s[mi][2 * np], qa[mi], kf[0], kf[1]);
+          rf::mma_m16n8k16(s[mi][2 * np + 1], qa[mi], kf[2], kf[3]);
         }
       }
     }
@@ -848,7 +810,7 @@ __global__ void __launch_bounds__(rf_attention::kV4Threads, 2) attention_v4(RF_A
               p1 = fast_exp2(s[mi][nt][2 * h + 1] - m_use[mi][h]);
             }
             sum += p0 + p1;
-            pf[mi][nt][h] = pack_half2(p0, p1);
+            pf[mi][nt][h] = rf::pack_half2(p0, p1);
           }
           l_run[mi][h] = l_run[mi][h] * alpha[mi][h] + sum;
         }
@@ -861,8 +823,8 @@ __global__ void __launch_bounds__(rf_attention::kV4Threads, 2) attention_v4(RF_A
     }
     // V(t+1) into the buffer V(t-1) used: every warp finished P V(t-1) before the K barrier of t.
     if (t + 1 < n_tiles) load_tile(v_smem, vb, v_ss, t + 1);
-    cp_async_commit();
-    cp_async_wait<2>();  // V(t) landed; K(t+1), V(t+1) may be in flight
+    rf::cp_async_commit();
+    rf::cp_async_wait<2>();  // V(t) landed; K(t+1), V(t+1) may be in flight
     __syncthreads();
 
     // ---- O += P V: each V fragment (ldmatrix.x4.trans, as v2) feeds both m16 tiles ----
@@ -871,18 +833,18 @@ __global__ void __launch_bounds__(rf_attention::kV4Threads, 2) attention_v4(RF_A
 #pragma unroll
       for (int dp = 0; dp < D / 16; ++dp) {
         u32 vf[4];
-        ldmatrix_x4_trans(vf, sb + frag(v_row + buf, v_l16, dp) + 16 * kk * ROW_BYTES);
+        rf::ldmatrix_x4_trans(vf, sb + frag(v_row + buf, v_l16, dp) + 16 * kk * ROW_BYTES);
 #pragma unroll
         for (int mi = 0; mi < MT; ++mi) {
           const u32 pa[4] = {pf[mi][2 * kk][0], pf[mi][2 * kk][1], pf[mi][2 * kk + 1][0],
                              pf[mi][2 * kk + 1][1]};
-          mma_16816(o[mi][2 * dp], pa, vf[0], vf[1]);
-          mma_16816(o[mi][2 * dp + 1], pa, vf[2], vf[3]);
+          rf::mma_m16n8k16(o[mi][2 * dp], pa, vf[0], vf[1]);
+          rf::mma_m16n8k16(o[mi][2 * dp + 1], pa, vf[2], vf[3]);
         }
       }
     }
   }
-  cp_async_wait<0>();  // no copy in flight at exit (with no key tile, Q's copies were never waited for)
+  rf::cp_async_wait<0>();  // no copy in flight at exit (with no key tile, Q's copies were never waited for)
 
   // ---- epilogue: 1/l, store rows that exist ----
 #pragma unroll

@@ -94,7 +94,7 @@ __device__ __forceinline__ A block_reduce(A v, Op op, A* scratch) {
 
 }  // namespace rf
 
-// ==== paged_attention family: async copies and tensor-core fragments (sm_80+) ==========================
+// ==== async copies and tensor-core fragments (sm_80+): the attention and paged_attention families ======
 // Generic wrappers over PTX, usable by any family: cp.async 16-byte copies global -> shared (with zero
 // fill when the predicate is false), ldmatrix (x4, plain and transposed) and mma.sync m16n8k16 with fp16
 // inputs and fp32 accumulators. Fragment layouts (PTX ISA, "Matrix fragments for mma.m16n8k16"), with
@@ -114,11 +114,15 @@ __device__ __forceinline__ unsigned smem_addr(const void* p) {
 
 // 16 bytes global -> shared, bypassing L1; when !pred the destination is zero-filled and nothing is read.
 // .L2::256B: let L2 fetch the surrounding 256 bytes from DRAM in one go (a warp's copies cover whole rows).
-__device__ __forceinline__ void cp_async_16(void* smem_dst, const void* gmem_src, bool pred) {
+// Each wrapper takes a shared-memory address (from smem_addr) or a pointer into shared memory.
+__device__ __forceinline__ void cp_async_16(unsigned smem_dst, const void* gmem_src, bool pred) {
   const int src_bytes = pred ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n" ::"r"(smem_addr(smem_dst)), "l"(gmem_src),
+  asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n" ::"r"(smem_dst), "l"(gmem_src),
                "r"(src_bytes)
                : "memory");
+}
+__device__ __forceinline__ void cp_async_16(void* smem_dst, const void* gmem_src, bool pred) {
+  cp_async_16(smem_addr(smem_dst), gmem_src, pred);
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 // Wait until at most N committed groups of this thread are still in flight.
@@ -126,15 +130,21 @@ template <int N> __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
-__device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], const void* smem_row) {
+__device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], unsigned smem_row) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr(smem_row)));
+               : "r"(smem_row));
 }
-__device__ __forceinline__ void ldmatrix_x4_trans(unsigned (&r)[4], const void* smem_row) {
+__device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], const void* smem_row) {
+  ldmatrix_x4(r, smem_addr(smem_row));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(unsigned (&r)[4], unsigned smem_row) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr(smem_row)));
+               : "r"(smem_row));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(unsigned (&r)[4], const void* smem_row) {
+  ldmatrix_x4_trans(r, smem_addr(smem_row));
 }
 
 // d += a * b for one m16n8k16 tile: fp16 A (4 regs) and B (2 regs), fp32 accumulators (4 floats).
