@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import shutil
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -257,20 +255,25 @@ def decode_call(impl: str, rf: Any, torch: Any, a: dict) -> Callable[[], Any]:
     raise ValueError(f"no decode implementation {impl!r}")
 
 
-def naive_rope_kv_write(cp: Any, a: dict, base: float = 10000.0) -> tuple[Any, Any]:
-    """NeoX RoPE and the cache scatter as separate CuPy steps in float32."""
-    q, k, v = a["q"], a["k"], a["v"]
-    dim = q.shape[-1]
-    inv_freq = base ** (-cp.arange(0, dim, 2, dtype=cp.float32) / dim)
-    ang = a["positions"].astype(cp.float32)[:, None] * inv_freq[None]
+def _neox_rotation(cp: Any, positions: Any, dim: int, base: float, dtype: Any) -> Callable[[Any], Any]:
+    """x -> x rotated NeoX-style (halves) at `positions`, computed and returned in `dtype`."""
+    inv_freq = base ** (-cp.arange(0, dim, 2, dtype=dtype) / dim)
+    ang = positions.astype(dtype)[:, None] * inv_freq[None]
     cos, sin = cp.cos(ang)[:, None], cp.sin(ang)[:, None]
 
     def rot(x: Any) -> Any:
-        x = x.astype(cp.float32)
+        x = x.astype(dtype)
         x1, x2 = x[..., : dim // 2], x[..., dim // 2 :]
-        return cp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(cp.float16)
+        return cp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
-    qr, kr = rot(q), rot(k)
+    return rot
+
+
+def naive_rope_kv_write(cp: Any, a: dict, base: float = 10000.0) -> tuple[Any, Any]:
+    """NeoX RoPE and the cache scatter as separate CuPy steps in float32."""
+    q, k, v = a["q"], a["k"], a["v"]
+    rot = _neox_rotation(cp, a["positions"], q.shape[-1], base, cp.float32)
+    qr, kr = rot(q).astype(cp.float16), rot(k).astype(cp.float16)
     bs = a["k_cache"].shape[1]
     blocks, offs = a["slots"] // bs, a["slots"] % bs
     a["k_cache"][blocks, offs] = kr
@@ -290,25 +293,11 @@ def rope_call(impl: str, rf: Any, cp: Any, a: dict) -> Callable[[], Any]:
 
 def rope_ref(cp: Any, a: dict, base: float = 10000.0) -> tuple[Any, Any]:
     """Float64 NeoX rotation of q and k."""
-    dim = a["q"].shape[-1]
-    inv_freq = base ** (-cp.arange(0, dim, 2, dtype=cp.float64) / dim)
-    ang = a["positions"].astype(cp.float64)[:, None] * inv_freq[None]
-    cos, sin = cp.cos(ang)[:, None], cp.sin(ang)[:, None]
-
-    def rot(x: Any) -> Any:
-        x = x.astype(cp.float64)
-        x1, x2 = x[..., : dim // 2], x[..., dim // 2 :]
-        return cp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-
+    rot = _neox_rotation(cp, a["positions"], a["q"].shape[-1], base, cp.float64)
     return rot(a["q"]), rot(a["k"])
 
 
 # ---- measuring ---------------------------------------------------------------------------------------------
-
-
-def _describe(exc: BaseException) -> str:
-    text = f"{type(exc).__name__}: {exc}".replace("\n", " ")
-    return text[:300]
 
 
 def _timed_record(calls: list[Callable], check: Callable[[Any], float], clock: Any, reps: int, warmup: int,
@@ -318,7 +307,7 @@ def _timed_record(calls: list[Callable], check: Callable[[Any], float], clock: A
     try:
         err = check(calls[0]())
     except Exception as exc:
-        return harness.make_record(**common, status="error", message=_describe(exc))
+        return harness.make_record(**common, status="error", message=harness.describe(exc))
     if not err <= tol:
         return harness.make_record(
             **common, status="wrong", max_error=err, message=f"max error {err:.2e} > {tol:g}: not timed"
@@ -326,7 +315,7 @@ def _timed_record(calls: list[Callable], check: Callable[[Any], float], clock: A
     try:
         timing = harness.time_calls(calls, clock, reps=reps, warmup=warmup)
     except Exception as exc:
-        return harness.make_record(**common, status="error", max_error=err, message=_describe(exc))
+        return harness.make_record(**common, status="error", max_error=err, message=harness.describe(exc))
     return harness.make_record(**common, timing=timing, max_error=err)
 
 
@@ -350,7 +339,7 @@ def bench_prefill(
         try:
             calls = [prefill_call(impl, rf, torch, a, causal, scale) for a in sets]
         except Exception as exc:
-            rec = harness.make_record(**common, status="error", message=_describe(exc))
+            rec = harness.make_record(**common, status="error", message=harness.describe(exc))
         else:
             rec = _timed_record(
                 calls, lambda out: rel_err(cp, on_device(cp, out)[:, rows], ref), clock, reps, warmup, common
@@ -382,7 +371,7 @@ def bench_decode(cp, rf, torch, name, cfg, impls, clock, reps, warmup, l2, ceili
         try:
             calls = [decode_call(impl, rf, torch, a) for a in sets]
         except Exception as exc:
-            rec = harness.make_record(**common, status="error", message=_describe(exc))
+            rec = harness.make_record(**common, status="error", message=harness.describe(exc))
         else:
             rec = _timed_record(
                 calls,
@@ -422,7 +411,7 @@ def bench_rope(cp, rf, name, cfg, impls, clock, reps, warmup, l2, ceiling) -> li
         try:
             calls = [rope_call(impl, rf, cp, a) for a in sets]
         except Exception as exc:
-            rec = harness.make_record(**common, status="error", message=_describe(exc))
+            rec = harness.make_record(**common, status="error", message=harness.describe(exc))
         else:
             rec = _timed_record(calls, check, clock, reps, warmup, common)
         records.append(rec)
@@ -500,18 +489,6 @@ def write_results(header: dict, records: list[dict], out_dir: Path, json_too: bo
     return verdicts
 
 
-def _import_torch(cp: Any) -> Any:
-    try:
-        import torch
-    except Exception as exc:
-        harness.log(f"torch did not import ({exc}): its columns are skipped")
-        return None
-    if not torch.cuda.is_available():
-        return None
-    torch.cuda.set_device(cp.cuda.Device().id)
-    return torch
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.from_json:
@@ -535,7 +512,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import rawformer as rf
 
-    torch = None if args.no_torch else _import_torch(cp)
+    torch = None if args.no_torch else harness.import_torch(cp)
     impls = {p: [i for i in IMPLS[p] if i in args.impls and not (i.startswith("torch") and torch is None)]
              for p in PARTS}  # fmt: skip
     clock = harness.CudaClock(cp)
@@ -575,12 +552,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     header = harness.run_header(device, **ceiling, **matmul, reps=reps, warmup=args.warmup, quick=args.quick)
     out_dir = harness.output_dir(device["gpu_slug"], args.quick, args.out)
     write_results(header, records, out_dir)
-    ret = os.environ.get("OUT")
-    if not args.quick and not args.out and ret and Path(ret).resolve() != out_dir.resolve():
-        Path(ret).mkdir(parents=True, exist_ok=True)
-        for f in ("attention.json", "attention.md", "attention_prefill.png", "attention_decode.png"):
-            if (out_dir / f).exists():
-                shutil.copy2(out_dir / f, ret)
+    names = ("attention.json", "attention.md", "attention_prefill.png", "attention_decode.png")
+    harness.copy_to_out(out_dir, names, args.quick, args.out)
     return 0
 
 

@@ -60,6 +60,19 @@ def _line(what: str, nbytes: float, flops: float, timing) -> None:
     )
 
 
+def sweep_torch(what: str, call, torch, sets, clock, reps: int, nbytes: float, flops: float) -> None:
+    """torch SDPA per backend (None: torch's own choice) over `sets`; call(sdpa, a) makes one timed call."""
+    for backend in ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", None):
+        sdpa = bench._torch_sdpa(torch, backend)
+        calls = [call(sdpa, a) for a in sets]
+        try:
+            t = harness.time_calls(calls, clock, reps)
+        except Exception as exc:
+            harness.log(f"{what} torch {backend}: {type(exc).__name__}: {str(exc)[:120]}")
+            continue
+        _line(f"{what} torch {backend or 'default'}", nbytes, flops, t)
+
+
 def sweep_decode(cp, rf, torch, clock, reps: int, l2: int, split_counts=(None, 1, 2, 4, 8, 16)) -> None:
     paged = importlib.import_module("rawformer.ops.paged_attention")
     default_stages = paged._V3_STAGES
@@ -97,18 +110,10 @@ def sweep_decode(cp, rf, torch, clock, reps: int, l2: int, split_counts=(None, 1
             if bs == 16 and shuffle:
                 for a in sets:
                     a["contiguous"] = bench.contiguous_kv(cp, a)
-                for backend in ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", None):
-                    calls = []
-                    for a in sets:
-                        k, v = a["contiguous"]
-                        call = bench._torch_sdpa(torch, backend)(a["q"], k, v, False, a["scale"])
-                        calls.append(call)
-                    try:
-                        t = harness.time_calls(calls, clock, reps)
-                    except Exception as exc:
-                        harness.log(f"decode {name} torch {backend}: {type(exc).__name__}: {str(exc)[:120]}")
-                        continue
-                    _line(f"decode {name} torch {backend or 'default'}", nbytes, flops, t)
+                sweep_torch(
+                    f"decode {name}", lambda sdpa, a: sdpa(a["q"], *a["contiguous"], False, a["scale"]),
+                    torch, sets, clock, reps, nbytes, flops,
+                )  # fmt: skip
             del sets
             cp.get_default_memory_pool().free_all_blocks()
             torch.cuda.empty_cache()
@@ -131,14 +136,10 @@ def sweep_prefill(cp, rf, torch, clock, reps: int, l2: int) -> None:
                 for a in sets
             ]
             _line(f"prefill {name} v{version}", nbytes, flops, harness.time_calls(calls, clock, reps))
-        for backend in ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", None):
-            calls = [bench._torch_sdpa(torch, backend)(a["q"], a["k"], a["v"], causal, scale) for a in sets]
-            try:
-                t = harness.time_calls(calls, clock, reps)
-            except Exception as exc:
-                harness.log(f"prefill {name} torch {backend}: {type(exc).__name__}: {str(exc)[:120]}")
-                continue
-            _line(f"prefill {name} torch {backend or 'default'}", nbytes, flops, t)
+        sweep_torch(
+            f"prefill {name}", lambda sdpa, a, c=causal, s=scale: sdpa(a["q"], a["k"], a["v"], c, s),
+            torch, sets, clock, reps, nbytes, flops,
+        )  # fmt: skip
         del sets
         cp.get_default_memory_pool().free_all_blocks()
         torch.cuda.empty_cache()

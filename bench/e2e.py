@@ -415,9 +415,7 @@ def markdown(header: dict, results: list[dict], verdict_list: list[harness.Verdi
         errs = [r for r in recs if r["status"] != "ok" or r.get("message")]
         lines += [""] + [f"- {r['impl']} {r['phase']} batch {r['batch']}: {r.get('message')}" for r in errs]
         lines.append("")
-    counts = {s: sum(v.status == s for v in verdict_list) for s in ("PASS", "FAIL", "SKIP")}
-    lines += ["## ACCEPTANCE", "", ", ".join(f"{n} {s}" for s, n in counts.items() if n), ""]
-    lines += [f"- **{v.status}** {v.text}" for v in verdict_list]
+    lines += harness.acceptance_lines(verdict_list)
     return "\n".join(lines) + "\n"
 
 

@@ -27,6 +27,7 @@ import math
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -50,6 +51,26 @@ VERSIONED = ("numpy", "cupy", "numba", "numba-cuda", "torch", "rawformer", "matp
 def log(*parts: Any) -> None:
     """Print one progress line now (the GPU machine's output is piped through tee)."""
     print(*parts, flush=True)
+
+
+def describe(exc: BaseException) -> str:
+    """An exception as one line of at most 300 characters (for a record's message)."""
+    text = f"{type(exc).__name__}: {exc}".replace("\n", " ")
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def import_torch(cp: Any) -> Any:
+    """torch on CuPy's current device, or None (logged) when it does not import or has no CUDA."""
+    try:
+        import torch
+    except Exception as exc:
+        log(f"torch did not import ({exc}): its columns are skipped")
+        return None
+    if not torch.cuda.is_available():
+        log("torch has no CUDA here: its columns are skipped")
+        return None
+    torch.cuda.set_device(cp.cuda.Device().id)
+    return torch
 
 
 # ---- device, versions, where results go ------------------------------------------------------------------
@@ -180,6 +201,17 @@ def output_dir(slug: str, quick: bool, out: str | None) -> Path:
     if quick:
         return Path(os.environ.get("OUT") or REPO_ROOT / "bench" / "out")
     return RESULTS_ROOT / slug
+
+
+def copy_to_out(out_dir: Path, names: Iterable[str], quick: bool, out: str | None) -> None:
+    """A full run on the GPU machine (no --quick, no --out): also bring the results back through $OUT."""
+    ret = os.environ.get("OUT")
+    if quick or out or not ret or Path(ret).resolve() == out_dir.resolve():
+        return
+    Path(ret).mkdir(parents=True, exist_ok=True)
+    for name in names:
+        if (out_dir / name).exists():
+            shutil.copy2(out_dir / name, ret)
 
 
 # ---- timing ------------------------------------------------------------------------------------------------
@@ -634,10 +666,20 @@ def markdown_report(
         if notes:
             lines += ["", "Not timed:", "", *notes]
     if verdicts:
-        counts = {s: sum(v.status == s for v in verdicts) for s in ("PASS", "FAIL", "SKIP")}
-        lines += ["", "## ACCEPTANCE", "", ", ".join(f"{n} {s}" for s, n in counts.items() if n), ""]
-        lines += [f"- **{v.status}** {v.text}" for v in verdicts]
+        lines += ["", *acceptance_lines(verdicts)]
     return "\n".join(lines) + "\n"
+
+
+def acceptance_lines(verdicts: Sequence[Verdict]) -> list[str]:
+    """The markdown acceptance section: a heading, the count per status, one bullet per verdict."""
+    counts = {s: sum(v.status == s for v in verdicts) for s in ("PASS", "FAIL", "SKIP")}
+    return [
+        "## ACCEPTANCE",
+        "",
+        ", ".join(f"{n} {s}" for s, n in counts.items() if n),
+        "",
+        *(f"- **{v.status}** {v.text}" for v in verdicts),
+    ]
 
 
 # ---- acceptance --------------------------------------------------------------------------------------------

@@ -24,8 +24,6 @@ from __future__ import annotations
 import argparse
 import functools
 import math
-import os
-import shutil
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -534,11 +532,6 @@ def default_binders(rf: Any, torch: Any, rf_error: str | None = None) -> dict[st
     }
 
 
-def _describe(exc: BaseException) -> str:
-    text = f"{type(exc).__name__}: {exc}".replace("\n", " ")
-    return text if len(text) <= 300 else text[:297] + "..."
-
-
 def bench_op(
     spec: OpSpec,
     config: str,
@@ -602,14 +595,14 @@ def _measure(
         calls = [bind(spec, a) for a in sets]
         err, problem = ref.error(calls[0]())
     except Exception as exc:
-        return harness.make_record(**args, status="error", message=_describe(exc))
+        return harness.make_record(**args, status="error", message=harness.describe(exc))
     if problem is not None or not err <= tol:
         msg = problem or f"max error {err:.2e} > tolerance {tol:g}: not timed"
         return harness.make_record(**args, status="wrong", max_error=err, message=msg)
     try:
         timing = harness.time_calls(calls, clock, reps=reps, warmup=warmup)
     except Exception as exc:
-        return harness.make_record(**args, status="error", max_error=err, message=_describe(exc))
+        return harness.make_record(**args, status="error", max_error=err, message=harness.describe(exc))
     return harness.make_record(**args, timing=timing, max_error=err)
 
 
@@ -662,7 +655,7 @@ def run(
                         flops=spec.flops_per_element * rows * cols,
                         ceiling_gbps=ceiling_gbps,
                         status="error",
-                        message=f"setting up the inputs failed: {_describe(exc)}",
+                        message=f"setting up the inputs failed: {harness.describe(exc)}",
                     )
                     records.append(rec)
                     harness.log(harness.format_line(rec))
@@ -728,19 +721,6 @@ def report_from_json(path: str | Path, out: str | None = None) -> Path:
     return out_dir
 
 
-def _import_torch(cp: Any) -> Any:
-    try:
-        import torch
-    except Exception as exc:
-        harness.log(f"torch did not import ({exc}): its columns are skipped")
-        return None
-    if not torch.cuda.is_available():
-        harness.log("torch has no CUDA here: its columns are skipped")
-        return None
-    torch.cuda.set_device(cp.cuda.Device().id)
-    return torch
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.from_json:
@@ -758,9 +738,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         rf_error = None
     except Exception as exc:
-        rf, rf_error = None, _describe(exc)
+        rf, rf_error = None, harness.describe(exc)
         harness.log(f"rawformer did not import ({rf_error}): its columns will say so")
-    torch = _import_torch(cp) if "torch" in impls else None
+    torch = harness.import_torch(cp) if "torch" in impls else None
     if torch is None:
         impls = [i for i in impls if i != "torch"]
 
@@ -773,7 +753,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if torch is not None:
                 torch.cuda.empty_cache()
         except Exception as exc:  # a broken CUDA context: the records say what failed
-            harness.log(f"  (freeing device memory failed: {_describe(exc)})")
+            harness.log(f"  (freeing device memory failed: {harness.describe(exc)})")
 
     harness.log(f"{device['gpu']}: {device['multiprocessors']} SMs, L2 {device['l2_bytes'] / 2**20:.0f} MiB")
     harness.log(f"shapes {', '.join(configs)}; impls {', '.join(impls)}; median of {reps} after a warm-up")
@@ -803,7 +783,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         harness.log(f"copy ceiling at the end {end_gbps:.0f} GB/s")
     except Exception as exc:  # a kernel left the CUDA context broken: still write what was measured
         end_gbps = None
-        harness.log(f"the copy ceiling could not be measured at the end: {_describe(exc)}")
+        harness.log(f"the copy ceiling could not be measured at the end: {harness.describe(exc)}")
     free()
     header = harness.run_header(
         device,
@@ -817,13 +797,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     verdicts = harness.evaluate([c for c in ACCEPTANCE if c.op in args.ops], records)
     out_dir = harness.output_dir(device["gpu_slug"], args.quick, args.out)
     write_results(header, records, verdicts, out_dir)
-    # a full run on the GPU machine: also bring the results back through $OUT
-    ret = os.environ.get("OUT")
-    if not args.quick and not args.out and ret and Path(ret).resolve() != out_dir.resolve():
-        Path(ret).mkdir(parents=True, exist_ok=True)
-        for name in ("kernels.json", "kernels.md", "kernels.png"):
-            if (out_dir / name).exists():
-                shutil.copy2(out_dir / name, ret)
+    harness.copy_to_out(out_dir, ("kernels.json", "kernels.md", "kernels.png"), args.quick, args.out)
     return 0
 
 

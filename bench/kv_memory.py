@@ -232,9 +232,7 @@ def markdown(header: dict, records: list[dict], results: dict, verdict_list: lis
             f"| {r['paged_peak_tokens']} | {100 * r['saved_time_avg_vs_live_rows']:.1f}% "
             f"| {100 * r['contiguous_waste_at_peak']:.1f}% | {r['pool_seconds']:.1f} |"
         )
-    counts = {s: sum(v.status == s for v in verdict_list) for s in ("PASS", "FAIL")}
-    lines += ["", "## ACCEPTANCE", "", ", ".join(f"{n} {s}" for s, n in counts.items() if n), ""]
-    lines += [f"- **{v.status}** {v.text}" for v in verdict_list]
+    lines += ["", *harness.acceptance_lines(verdict_list)]
     return "\n".join(lines) + "\n"
 
 
@@ -319,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     for v in verdict_list:
         print(f"{v.status}: {v.text}")
-    out_dir = Path(args.out) if args.out else harness.RESULTS_ROOT / "cpu"
+    out_dir = harness.output_dir("cpu", False, args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     series = {dist: r["series"] for dist, r in results.items()}
     harness.write_json(out_dir / "kv_memory.json", {**header, "series": series}, records)

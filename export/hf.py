@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 from rawformer.export.safetensors import FLOAT_DTYPES, SafetensorsFile
 from rawformer.models import build_model, config_from_dict, module_for
+from rawformer.models.common import run_dtypes
 
 from rawformer import backend
 
@@ -101,9 +102,7 @@ def _device(device: str) -> bool:
 
 
 def _target_dtype(dtype: Any, stored: set[str], gpu: bool) -> np.dtype:
-    allowed = (
-        (np.dtype(np.float16), np.dtype(np.float32)) if gpu else (np.dtype(np.float32), np.dtype(np.float64))
-    )
+    allowed = run_dtypes(gpu)  # the dtypes the models accept (check_weights)
     if dtype is not None:
         dt = np.dtype(dtype)
         if dt not in allowed:

@@ -29,7 +29,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from rawformer.models.common import check_weights, linear, linear_weight, random_weights, weights_module
+from rawformer.models.common import check_weights, linear, linear_weight, random_weights
 from rawformer.models.config import BertConfig
 
 import rawformer as rf
@@ -98,8 +98,7 @@ class BertModel:
 
     def __init__(self, config: BertConfig, weights: dict[str, Any], xp: Any = None) -> None:
         self.config = config
-        self.xp, _ = weights_module(weights, xp)
-        self.dtype = check_weights("BertModel", weight_shapes(config), weights, self.xp)
+        self.xp, self.dtype = check_weights("BertModel", weight_shapes(config), weights, xp)
         e = "embeddings."
         self.word = weights[e + "word_embeddings.weight"]  # (V, H)
         self.pos = weights[e + "position_embeddings.weight"]  # (P, H)
@@ -141,7 +140,12 @@ class BertModel:
         -------
         hidden : (B, S, H) in the model dtype (rows of padded positions are not meaningful)
         """
-        ids, mask, tt = self._inputs(input_ids, attention_mask, token_type_ids)
+        return self._hidden(*self._inputs(input_ids, attention_mask, token_type_ids))
+
+    __call__ = forward
+
+    def _hidden(self, ids: Any, mask: Any, tt: Any) -> Any:
+        """`forward` on inputs already checked by `_inputs`: ids, tt int (B, S), mask bool (B, S)."""
         cfg = self.config
         b, s = ids.shape
         nh, hd, eps = cfg.num_attention_heads, cfg.head_dim, cfg.layer_norm_eps
@@ -159,8 +163,6 @@ class BertModel:
             m = linear(m, lyr.w_out, lyr.b_out)
             x = rf.add_layer_norm(m, x, *lyr.ln_2, eps)[0]  # layer_norm(x + m)
         return x.reshape(b, s, cfg.hidden_size)
-
-    __call__ = forward
 
     def embed(
         self,
@@ -185,7 +187,7 @@ class BertModel:
         (B, H) float32 (float64 for a float64 model): pooling is accumulated in at least float32
         """
         ids, mask, tt = self._inputs(input_ids, attention_mask, token_type_ids)
-        hidden = self.forward(ids, mask, tt)
+        hidden = self._hidden(ids, mask, tt)
         acc = np.float64 if self.dtype == np.float64 else np.float32
         w = mask.astype(acc)[:, :, None]  # (B, S, 1)
         pooled = (hidden.astype(acc) * w).sum(axis=1) / self.xp.maximum(w.sum(axis=1), 1e-9)  # (B, H)

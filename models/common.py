@@ -24,6 +24,7 @@ import numpy as np
 import rawformer as rf
 from rawformer import backend
 from rawformer.kernels.gemm import matmul
+from rawformer.ops import _checks
 
 __all__ = [
     "Arena",
@@ -31,10 +32,12 @@ __all__ = [
     "StepPlan",
     "check_weights",
     "decoder_attention",
+    "last_token_rows",
     "linear",
+    "linear_weight",
     "plan_step",
     "random_weights",
-    "weights_module",
+    "run_dtypes",
 ]
 
 MAX_DECODE_Q = 16  # rf.paged_attention takes up to 16 new tokens per sequence
@@ -65,28 +68,30 @@ class Arena(Protocol):
 # ---- weights ----------------------------------------------------------------------------------------------
 
 
-def weights_module(weights: dict[str, Any], xp: Any) -> tuple[Any, np.dtype]:
-    """The array module and the float dtype of a weight dict (xp given or taken from the first array)."""
-    if not weights:
-        raise ValueError("weights is empty")
-    first = next(iter(weights.values()))
-    mod = xp if xp is not None else backend.array_module(first)
-    return mod, np.dtype(first.dtype)
+def run_dtypes(gpu: bool) -> tuple[np.dtype, np.dtype]:
+    """The float dtypes a model runs in: on the GPU those of the kernels (float16 / float32), on the CPU
+    float32 / float64 (the float64 reference ops)."""
+    return _checks.GPU_DTYPES if gpu else (np.dtype(np.float32), np.dtype(np.float64))
 
 
 def check_weights(
-    model: str, expected: dict[str, tuple[int, ...]], weights: dict[str, Any], xp: Any
-) -> np.dtype:
-    """Every expected tensor is there, with its shape, one float dtype and on one device; returns the dtype.
+    model: str, expected: dict[str, tuple[int, ...]], weights: dict[str, Any], xp: Any = None
+) -> tuple[Any, np.dtype]:
+    """Every expected tensor is there, with its shape, one float dtype and on one device.
 
+    Returns (xp, dtype): the array module (xp given or taken from the first array) and the weights' dtype.
     Errors name the tensor: KeyError for a missing one, ValueError for a wrong shape / dtype / device. Tensors
     not in `expected` are ignored (checkpoints carry buffers such as attention masks and position ids)."""
+    if not weights:
+        raise ValueError("weights is empty")
+    if xp is None:
+        xp = backend.array_module(next(iter(weights.values())))
     missing = [n for n in expected if n not in weights]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise KeyError(f"{model}: missing weight {missing[0]!r}{more}")
     dtype = None
-    allowed = (np.float16, np.float32) if xp is not np else (np.float32, np.float64)
+    allowed = run_dtypes(gpu=xp is not np)
     for name, shape in expected.items():
         w = weights[name]
         if tuple(w.shape) != tuple(shape):
@@ -97,16 +102,16 @@ def check_weights(
             )
         if dtype is None:
             dtype = np.dtype(w.dtype)
-            if dtype not in [np.dtype(t) for t in allowed]:
+            if dtype not in allowed:
                 where = "on the GPU" if xp is not np else "on the CPU"
                 raise ValueError(
                     f"{model}: weights are {dtype}; {where} models run in "
-                    f"{' / '.join(np.dtype(t).name for t in allowed)}"
+                    f"{' / '.join(t.name for t in allowed)}"
                 )
         elif w.dtype != dtype:
             raise ValueError(f"{model}: weight {name!r} is {w.dtype} but the others are {dtype}")
     assert dtype is not None
-    return dtype
+    return xp, dtype
 
 
 def random_weights(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -24,14 +24,17 @@ __all__ = [
 ]
 
 
-def _from_dict(cls: Any, d: dict[str, Any], aliases: dict[str, str] | None = None) -> Any:
-    """Build `cls` from the keys of `d` that are fields of it (config.json carries many we do not use)."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {k: v for k, v in d.items() if k in names}
-    for old, new in (aliases or {}).items():
-        if old in d and new not in d and new in names:
-            kwargs[new] = d[old]
-    return cls(**kwargs)
+_C = TypeVar("_C", bound="_FromDict")
+
+
+class _FromDict:
+    """`Config.from_dict(d)` for the config dataclasses below."""
+
+    @classmethod
+    def from_dict(cls: type[_C], d: dict[str, Any]) -> _C:
+        """The config of a config.json dict, from the keys that are fields (config.json has many more)."""
+        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 def _positive(cfg: Any, *names: str) -> None:
@@ -59,7 +62,7 @@ _GELU = {
 
 
 @dataclass(frozen=True)
-class GPT2Config:
+class GPT2Config(_FromDict):
     """GPT-2: pre-LayerNorm decoder, learned positions, GELU (tanh), lm head tied to the token embedding."""
 
     vocab_size: int = 50257  # tokens (GPT-2's BPE)
@@ -99,13 +102,9 @@ class GPT2Config:
     def gelu_approximate(self) -> str:
         return _GELU[self.activation_function]
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> GPT2Config:
-        return _from_dict(cls, d)
-
 
 @dataclass(frozen=True)
-class LlamaConfig:
+class LlamaConfig(_FromDict):
     """Llama: pre-RMSNorm decoder, RoPE (NeoX halves), SwiGLU MLP, grouped-query attention, untied head."""
 
     vocab_size: int = 32000
@@ -152,13 +151,9 @@ class LlamaConfig:
     def kv_heads(self) -> int:
         return int(self.num_key_value_heads)  # type: ignore[arg-type]
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> LlamaConfig:
-        return _from_dict(cls, d)
-
 
 @dataclass(frozen=True)
-class BertConfig:
+class BertConfig(_FromDict):
     """BERT encoder: post-LayerNorm, GELU (erf), learned absolute positions, token type embeddings."""
 
     vocab_size: int = 30522
@@ -197,10 +192,6 @@ class BertConfig:
     @property
     def gelu_approximate(self) -> str:
         return _GELU[self.hidden_act]
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> BertConfig:
-        return _from_dict(cls, d)
 
 
 MODEL_TYPES: dict[str, type] = {"gpt2": GPT2Config, "llama": LlamaConfig, "bert": BertConfig}

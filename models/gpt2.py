@@ -37,7 +37,6 @@ from rawformer.models.common import (
     linear,
     plan_step,
     random_weights,
-    weights_module,
 )
 from rawformer.models.config import GPT2Config
 
@@ -95,8 +94,7 @@ class GPT2Model:
 
     def __init__(self, config: GPT2Config, weights: dict[str, Any], xp: Any = None) -> None:
         self.config = config
-        self.xp, _ = weights_module(weights, xp)
-        self.dtype = check_weights("GPT2Model", weight_shapes(config), weights, self.xp)
+        self.xp, self.dtype = check_weights("GPT2Model", weight_shapes(config), weights, xp)
         self.num_layers = config.n_layer
         self.num_kv_heads = config.n_head
         self.head_dim = config.head_dim
@@ -134,8 +132,9 @@ class GPT2Model:
         for layer, blk in enumerate(self.blocks):
             qkv = linear(h, *blk.c_attn).reshape(t, 3, nh, hd)  # (T, 3, nh, hd)
             q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]  # (T, nh, hd) strided views
-            rf.kv_write(k, v, arena.k(layer), arena.v(layer), batch.slot_mapping)
-            a = decoder_attention(q, k, v, batch, plan, arena.k(layer), arena.v(layer))  # (T, nh, hd)
+            kc, vc = arena.k(layer), arena.v(layer)
+            rf.kv_write(k, v, kc, vc, batch.slot_mapping)
+            a = decoder_attention(q, k, v, batch, plan, kc, vc)  # (T, nh, hd)
             a = linear(a.reshape(t, nh * hd), *blk.attn_proj)
             h, x = rf.add_layer_norm(a, x, *blk.ln_2, eps)  # x = x + a; h = ln_2(x)
             m = rf.gelu(linear(h, blk.c_fc[0]), blk.c_fc[1], approximate=cfg.gelu_approximate)  # (T, inner)

@@ -38,7 +38,6 @@ from rawformer.models.common import (
     linear_weight,
     plan_step,
     random_weights,
-    weights_module,
 )
 from rawformer.models.config import LlamaConfig, llama_inv_freq
 
@@ -118,8 +117,7 @@ class LlamaModel:
 
     def __init__(self, config: LlamaConfig, weights: dict[str, Any], xp: Any = None) -> None:
         self.config = config
-        self.xp, _ = weights_module(weights, xp)
-        self.dtype = check_weights("LlamaModel", weight_shapes(config), weights, self.xp)
+        self.xp, self.dtype = check_weights("LlamaModel", weight_shapes(config), weights, xp)
         self.num_layers = config.num_hidden_layers
         self.num_kv_heads = config.kv_heads
         self.head_dim = int(config.head_dim)  # type: ignore[arg-type]

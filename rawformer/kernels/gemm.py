@@ -420,11 +420,12 @@ def _matmul_cupy(a: Any, b: Any, out: Any) -> Any:
     if _FORCE_CUPY and not _is_capturing(cp, stream):
         return cp.matmul(a, b, out=out)
     c_ld = out.strides[0] // out.itemsize if m > 1 else n
-    plan = plan_gemm(a.shape, _elem_strides(a), b.shape, _elem_strides(b), c_ld)
+    sa, sb = _elem_strides(a), _elem_strides(b)
+    plan = plan_gemm(a.shape, sa, b.shape, sb, c_ld)
     if plan is None:
-        if operand_layout(a.shape, _elem_strides(a)) is None:
+        if operand_layout(a.shape, sa) is None:
             a = cp.ascontiguousarray(a)
-        if operand_layout(b.shape, _elem_strides(b)) is None:
+        if operand_layout(b.shape, sb) is None:
             b = cp.ascontiguousarray(b)
         plan = plan_gemm(a.shape, _elem_strides(a), b.shape, _elem_strides(b), c_ld)
         assert plan is not None
@@ -433,7 +434,7 @@ def _matmul_cupy(a: Any, b: Any, out: Any) -> Any:
             raise ValueError(f"matmul: ({m}, {k}) @ ({k}, {n}) exceeds cuBLAS's 32-bit sizes; cannot capture")
         return cp.matmul(a, b, out=out)
     try:
-        _library()
+        lib = _library()
     except CublasNotFound:
         if _is_capturing(cp, stream):
             raise
@@ -445,7 +446,6 @@ def _matmul_cupy(a: Any, b: Any, out: Any) -> Any:
         compute, (one, zero) = CUBLAS_COMPUTE_32F, _SCALARS_F
     with _lock:
         state = _device_state(cp, stream)
-        lib = _library()
         status = lib.gemm_ex(
             state.handle, plan.transa, plan.transb, plan.m, plan.n, plan.k,
             one, b.data.ptr, ctype, plan.lda, a.data.ptr, ctype, plan.ldb,

@@ -131,13 +131,7 @@ class KVArena:
         if sum(given) != 1:
             raise ValueError("KVArena: give exactly one of num_blocks, budget_bytes, budget_fraction")
         if num_blocks is not None:
-            if (
-                isinstance(num_blocks, bool)
-                or not isinstance(num_blocks, (int, np.integer))
-                or num_blocks < 1
-            ):
-                raise ValueError(f"KVArena: num_blocks must be a positive int, got {num_blocks!r}")
-            return int(num_blocks)
+            return _positive_int(num_blocks, "num_blocks")
         if budget_bytes is not None:
             if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, (int, np.integer)):
                 raise ValueError(f"KVArena: budget_bytes must be an int, got {budget_bytes!r}")

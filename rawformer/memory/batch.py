@@ -97,13 +97,16 @@ class StepBuffers:
         self.xp = xp
         self.is_gpu = xp is not np
         self.grown = 0
-        self._event = None
+        # one event, re-recorded after every upload; _pending: an upload may still read the staging buffer
+        self._event = xp.cuda.Event(block=False, disable_timing=True) if self.is_gpu else None
+        self._pending = False
         self._alloc(max(64, int(capacity)))
         self.grown = 0
 
     def _alloc(self, n: int) -> None:
-        if self._event is not None:
+        if self._pending:
             self._event.synchronize()
+            self._pending = False
         if self.is_gpu:
             mem = self.xp.cuda.alloc_pinned_memory(n * 4)
             self.host = np.ndarray((n,), dtype=np.int32, buffer=mem)
@@ -130,9 +133,9 @@ class StepBuffers:
         need = self.size(tokens, seqs, width)
         if need > self.capacity:
             self._alloc(2 * need)
-        elif self._event is not None:
+        elif self._pending:
             self._event.synchronize()
-            self._event = None
+            self._pending = False
         return self._views(self.host, tokens, seqs, width)
 
     def upload(self, tokens: int, seqs: int, width: int) -> dict[str, Any]:
@@ -144,8 +147,8 @@ class StepBuffers:
             cuda.runtime.memcpyAsync(
                 self.device.data.ptr, self.host.ctypes.data, need * 4, cuda.runtime.memcpyHostToDevice, stream
             )
-            self._event = self.xp.cuda.Event(block=False, disable_timing=True)
             self._event.record()
+            self._pending = True
         return self._views(self.device, tokens, seqs, width)
 
     @property

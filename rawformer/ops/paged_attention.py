@@ -53,8 +53,8 @@ negative id would silently wrap in NumPy) and checks owners when debug is on.
 
 from __future__ import annotations
 
+import functools
 import math
-import os
 from typing import Any
 
 import numpy as np
@@ -63,7 +63,7 @@ from rawformer import backend
 from rawformer.arrays import adopt
 from rawformer.kernels import cuda_type, get_function, launch, register_family
 from rawformer.kernels.launch import debug_enabled, i32
-from rawformer.kernels.occupancy import device_limits, resident_blocks
+from rawformer.kernels.occupancy import limits_of, resident_blocks
 from rawformer.ops import _checks
 from rawformer.ops._checks import adopt_optional, check_version, f64, finish
 
@@ -215,29 +215,20 @@ def _plan(
             2 * _V2_WARPS * _V2_ROWS + 2 * _V2_ROWS
         ) * 4
         return _Plan(f"paged_attention_v2<{t}, {hd}, {_V2_STAGES}>", _V2_ROWS, _V2_TILE, smem)
-    if version == 3:
+    if version in (3, 4):
         hd = _bucket(head_dim, _V2_HEAD_DIMS)
         if dtype != np.float16 or hd is None:
             return None
         ks = hd + 8
-        stages = _V3_STAGES if stages is None else stages
+        if stages is None:
+            stages = _V3_STAGES if version == 3 else _V4_STAGES[hd]
         smem = (_V2_WARPS * stages * 2 * _V3_WARP_TILE * ks + _V2_ROWS * ks) * 2 + (
             2 * _V2_WARPS * _V2_ROWS + 2 * _V2_ROWS
         ) * 4
-        return _Plan(f"paged_attention_v3<{t}, {hd}, {stages}>", _V2_ROWS, _V3_SPLIT_GRANULE, smem)
-    if version == 4:
-        hd = _bucket(head_dim, _V2_HEAD_DIMS)
-        if dtype != np.float16 or hd is None:
-            return None
-        ks = hd + 8
-        stages = _V4_STAGES[hd] if stages is None else stages
-        # v3's layout plus one 8-byte mbarrier per (warp, stage): v4_smem in paged_attention.cu
-        smem = (
-            (_V2_WARPS * stages * 2 * _V3_WARP_TILE * ks + _V2_ROWS * ks) * 2
-            + (2 * _V2_WARPS * _V2_ROWS + 2 * _V2_ROWS) * 4
-            + _V2_WARPS * stages * 8
-        )
-        return _Plan(f"paged_attention_v4<{t}, {hd}, {stages}>", _V2_ROWS, _V3_SPLIT_GRANULE, smem)
+        if version == 4:  # plus one 8-byte mbarrier per (warp, stage): v4_smem in paged_attention.cu
+            smem += _V2_WARPS * stages * 8
+        expr = f"paged_attention_v{version}<{t}, {hd}, {stages}>"
+        return _Plan(expr, _V2_ROWS, _V3_SPLIT_GRANULE, smem)
     raise ValueError(f"no paged_attention version {version}")
 
 
@@ -314,7 +305,7 @@ def _as_int32(a: Any) -> Any:
 
 def _debug_flag(debug: Any) -> bool:
     if debug is None:
-        return os.environ.get("RAWFORMER_DEBUG", "") not in ("", "0")
+        return debug_enabled()
     if not isinstance(debug, (bool, np.bool_)):
         raise TypeError(f"paged_attention: debug must be True, False or None, got {debug!r}")
     return bool(debug)
@@ -436,6 +427,13 @@ def _check_v4_device(q: Any) -> None:
             f"paged_attention: version=4 needs a GPU of compute capability >= 9.0 (TMA bulk copies); "
             f"{q.device} has {cc // 10}.{cc % 10}; use version=3"
         )
+
+
+@functools.cache
+def _resident_per_sm(device_id: int, expr: str, smem: int) -> int:
+    """CTAs of kernel `expr` resident per SM of device `device_id`: its register count is a driver query,
+    so it is read once per (device, kernel) rather than on every decode step."""
+    return resident_blocks(get_function(_FAMILY, expr), _THREADS, smem, limits_of(device_id))
 
 
 def _numba_paged() -> Any:
@@ -617,11 +615,11 @@ def paged_attention(
     kernel = get_function(_FAMILY, plan.expr)
     wanted = num_splits
     if wanted is None:
-        limits = device_limits()
+        device_id = cp.cuda.Device().id
         # v3 / v4 aim at their own resident CTAs per SM (v3: 2 at head dim 128, 3 at 64 with 3 stages;
         # shared memory and registers decide); v1 / v2 keep the 2 they were measured with
-        per_sm = resident_blocks(kernel, _THREADS, plan.smem, limits) if chosen in (3, 4) else _CTAS_PER_SM
-        wanted = choose_num_splits(num_seqs * kv_heads * chunks, max_tokens, limits.sms, per_sm)
+        per_sm = _resident_per_sm(device_id, plan.expr, plan.smem) if chosen in (3, 4) else _CTAS_PER_SM
+        wanted = choose_num_splits(num_seqs * kv_heads * chunks, max_tokens, limits_of(device_id).sms, per_sm)
     splits, split_tokens = split_layout(min(int(wanted), _MAX_SPLITS), max_tokens, plan.tile)
 
     in_place = (

@@ -223,10 +223,6 @@ def _check_slots_range(slots: Any, num_blocks: int, block_size: int) -> None:
         )
 
 
-def _check_out(out: Any, name: str, like: Any) -> None:
-    _checks.check_out(out, name, like)
-
-
 # ---- kernel selection and launch --------------------------------------------------------------------------
 
 
@@ -486,7 +482,7 @@ def rope(
     _check_index(pos, "positions", x, tokens)
     base_v, rot = _check_rope_args(base, style, rotary_dim, head_dim)
     inv = _check_inv_freq(inv_freq, x, rot)
-    _check_out(out_arr, "out", x)
+    _checks.check_out(out_arr, "out", x)
     which = _checks.check_impl(None, x)
     check_version(version, VERSIONS, which)
 
@@ -566,8 +562,8 @@ def rope_kv_write(
     num_blocks, block_size = _check_cache(kc, vc, k)
     base_v, rot = _check_rope_args(base, style, rotary_dim, head_dim)
     inv = _check_inv_freq(inv_freq, q, rot)
-    _check_out(oq, "out_q", q)
-    _check_out(ok, "out_k", k)
+    _checks.check_out(oq, "out_q", q)
+    _checks.check_out(ok, "out_k", k)
     which = _checks.check_impl(None, q)
     check_version(version, VERSIONS, which)
     if which == "numpy" or debug_enabled():

@@ -459,14 +459,15 @@ class Generator:
             for g in groups:
                 batch = pool.prepare([r.seq_id for r in g])
                 logits = self.model.forward(batch, self.arena, last_only=True)  # (S, V)
-                toks = sampler(logits, [rows[r.seq_id] for r in g])
+                idx = [rows[r.seq_id] for r in g]
+                toks = sampler(logits, idx).tolist()
                 stats["prefill_forwards"] += 1
-                for r, t in zip(g, toks.tolist(), strict=True):
+                for r, t in zip(g, toks, strict=True):
                     if self._finished(r, t):
                         pool.free_sequence(r.seq_id)
                     else:
                         active.append(r)
-                sampler.observe([rows[r.seq_id] for r in g], [[t] for t in toks.tolist()])
+                sampler.observe(idx, [[t] for t in toks])
             sync()
             t1 = time.perf_counter()
             stats["prefill_s"] += t1 - t0
@@ -493,8 +494,9 @@ class Generator:
                     logits = self._decode(batch)[:n]
                 else:
                     logits = self._eager_step(batch)
-                toks = sampler(logits, [rows[r.seq_id] for r in active]).tolist()
-                sampler.observe([rows[r.seq_id] for r in active], [[t] for t in toks])
+                idx = [rows[r.seq_id] for r in active]
+                toks = sampler(logits, idx).tolist()
+                sampler.observe(idx, [[t] for t in toks])
                 still = []
                 for r, t in zip(active, toks, strict=True):
                     if self._finished(r, t):

@@ -83,10 +83,11 @@ class SamplingParams:
         return self.temperature == 0
 
 
-def _acc(xp: Any, logits: Any) -> Any:
-    """The logits in the sampling precision: float64 for float64 input, float32 otherwise."""
+def _acc(logits: Any) -> Any:
+    """The logits in the sampling precision: float64 for float64 input, float32 otherwise (no copy when
+    they already are: nothing here writes into them, every step makes a new array)."""
     dt = np.float64 if logits.dtype == np.float64 else np.float32
-    return logits.astype(dt, copy=True)
+    return logits.astype(dt, copy=False)
 
 
 def apply_repetition_penalty(logits: Any, seen: Any, penalty: Any) -> Any:
@@ -151,7 +152,7 @@ def sampling_probs(
     logits (S, V); the parameters are scalars or (S,) per row (temperature > 0 here); seen (S, V) bool: the
     tokens the repetition penalty applies to."""
     xp = backend.array_module(logits)
-    lg = _acc(xp, logits)
+    lg = _acc(logits)
     s = lg.shape[0]
     if seen is not None:
         lg = apply_repetition_penalty(lg, xp.asarray(seen), _as_rows(xp, repetition_penalty, s, lg.dtype))
@@ -175,7 +176,7 @@ def sample_tokens(
     Rows with temperature 0 take the argmax (their uniform is not used). The parameters are scalars or
     per-row (S,) values; seen (S, V) bool selects the tokens the repetition penalty applies to."""
     xp = backend.array_module(logits)
-    lg = _acc(xp, logits)
+    lg = _acc(logits)
     s, v = lg.shape
     if s == 0:
         return np.zeros(0, dtype=np.int64)
