@@ -16,6 +16,15 @@
 
 namespace cg = cooperative_groups;
 
+// NVRTC (how rawformer compiles at run time) has no <cmath>, so no INFINITY / NAN macros; nvcc (CI's compile
+// check) has them. Device code gets the same IEEE values either way.
+#ifndef INFINITY
+#define INFINITY __int_as_float(0x7f800000)
+#endif
+#ifndef NAN
+#define NAN __int_as_float(0x7fffffff)
+#endif
+
 namespace rf {
 
 constexpr int kWarp = 32;
@@ -161,6 +170,30 @@ __device__ __forceinline__ void mma_m16n8k16(float (&d)[4], const unsigned (&a)[
 __device__ __forceinline__ unsigned pack_half2(float lo, float hi) {
   const __half2 h = __floats2half2_rn(lo, hi);
   return *reinterpret_cast<const unsigned*>(&h);
+}
+
+}  // namespace rf
+
+// ==== programmatic dependent launch (sm_90+): the decode-step kernels ======================================
+// A kernel launched with the programmatic-stream-serialization attribute (rawformer.kernels.launch with
+// pdl=True) may start while the kernel before it on the stream is still running, once every CTA of that one
+// has called launch_dependents (or exited). Until its own pdl_wait() returns it may only read memory nothing
+// in flight writes (weights) and must not write anything: pdl_wait() blocks until the previous grid has
+// completed and its writes are visible. Launched normally, or below sm_90, both are no-ops, so a kernel
+// stays correct however it is launched. Decode steps are chains of short kernels; this overlaps one's
+// launch and first weight loads with the tail of the one before.
+namespace rf {
+
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
 }
 
 }  // namespace rf

@@ -153,6 +153,8 @@ __device__ __forceinline__ void forward_row(const T* __restrict__ x, const T* __
                                             long long row, int cols, float eps, int tid,
                                             const Reduce& reduce) {
   using V = rf::Vec<T, VW>;
+  rf::pdl_launch_dependents();
+  rf::pdl_wait();  // launched with pdl=True (common.cuh: programmatic dependent launch)
   const long long base = row * cols;
   const int mine = vectors_of<VW, STRIDE>(tid, cols);
   V v[VECS];
@@ -298,6 +300,8 @@ __global__ void __launch_bounds__(THREADS)
   V* cache = reinterpret_cast<V*>(smem_raw);
   __shared__ float2 scratch[rf::kWarp];
   const BlockSum<THREADS> reduce{scratch};
+  rf::pdl_launch_dependents();
+  rf::pdl_wait();
   const long long row = blockIdx.x;
   const long long base = row * cols;
   const int nvec = cols / VW;

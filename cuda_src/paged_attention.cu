@@ -158,6 +158,8 @@ __device__ __forceinline__ long long out_row(const Work& w, int g, int q_len, in
 // caps some instantiations at 64-80 and spills (seen with nvcc 13.0, sm_90).
 template <typename T, int HD, int ROWS, int TK>
 __global__ void __launch_bounds__(rf_paged::kThreads, 1) paged_attention_v1(RF_PAGED_ARGS) {
+  rf::pdl_launch_dependents();
+  rf::pdl_wait();  // launched with pdl=True in decode steps (common.cuh)
   using namespace rf_paged;
   constexpr int VW = 16 / sizeof(T);  // elements per 16-byte vector
   constexpr int CH = HD / VW;         // vectors per (padded) head row
@@ -553,6 +555,8 @@ __device__ __forceinline__ void merge_warps_and_store(
 // T is always __half; it is a template parameter so that v1 and v2 share one argument list.
 template <typename T, int HD, int STAGES>
 __global__ void __launch_bounds__(rf_paged::kThreads, 2) paged_attention_v2(RF_PAGED_ARGS) {
+  rf::pdl_launch_dependents();
+  rf::pdl_wait();  // launched with pdl=True in decode steps (common.cuh)
   static_assert(IsHalf<T>::value, "v2 runs on fp16 tensor cores");
   using namespace rf_paged;
   constexpr int R = kMmaRows, TK = kTile;
@@ -696,6 +700,8 @@ __device__ __forceinline__ Work work_of_v3(int q_len, int q_heads, int kv_heads,
 // T is always __half (see v2).
 template <typename T, int HD, int STAGES>
 __global__ void __launch_bounds__(rf_paged::kThreads, STAGES == 2 ? 3 : 2) paged_attention_v3(RF_PAGED_ARGS) {
+  rf::pdl_launch_dependents();
+  rf::pdl_wait();  // launched with pdl=True in decode steps (common.cuh)
   static_assert(IsHalf<T>::value, "v3 runs on fp16 tensor cores");
   using namespace rf_paged;
   constexpr int R = kMmaRows, TW = kWarpTile;
@@ -907,6 +913,8 @@ __host__ __device__ constexpr int v4_min_ctas(int hd, int stages) {
 template <typename T, int HD, int STAGES>
 __global__ void __launch_bounds__(rf_paged::kThreads, rf_paged::v4_min_ctas(HD, STAGES))
     paged_attention_v4(RF_PAGED_ARGS) {
+  rf::pdl_launch_dependents();
+  rf::pdl_wait();  // launched with pdl=True in decode steps (common.cuh)
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
   __trap();
 #else
@@ -1070,6 +1078,8 @@ template <typename T>
 __global__ void __launch_bounds__(rf_paged::kThreads)
     paged_attention_combine(const float* __restrict__ part_out, const float* __restrict__ part_lse,
                             T* __restrict__ out, int num_splits, int head_dim) {
+  rf::pdl_launch_dependents();
+  rf::pdl_wait();  // launched with pdl=True in decode steps (common.cuh)
   using namespace rf_paged;
   extern __shared__ __align__(16) unsigned char smem[];
   float* w_s = reinterpret_cast<float*>(smem);

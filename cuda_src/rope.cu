@@ -78,6 +78,8 @@ __global__ void __launch_bounds__(kRopeThreads) rope_kv_v1(
     int block_size, int tok_per_cta, int items_per_slice) {
   static_assert(MODE >= 0 && MODE <= 2, "MODE: 0 rope, 1 rope + kv write, 2 kv write");
   // q and k may alias q_out / k_out (in place), so those four carry no __restrict__.
+  rf::pdl_launch_dependents();
+  rf::pdl_wait();  // launched with pdl=True in decode steps (common.cuh)
   // Shared memory: [kWrite] k and v cache row offsets of each token (kSkip: slot < 0), then [kRotate]
   // cos/sin of each (token, pair).
   extern __shared__ long long rope_smem[];

@@ -1,14 +1,15 @@
 """Loading Hugging Face checkpoint directories: config.json + model.safetensors (or sharded) -> a model.
 
 A directory holds
-    config.json                          model_type "gpt2" | "llama" | "bert" picks the model and its config
+    config.json                          model_type "gpt2" | "llama" | "bert" | "deepseek_v2" picks the model
+                                         and its config
     model.safetensors                    the weights, or
     model.safetensors.index.json         {"weight_map": {tensor name: shard file}} + the shards
                                          (model-00001-of-0000N.safetensors)
 Checkpoint names become the models' names by the model file's table: a prefix of the task head class is
-removed (GPT2LMHeadModel "transformer.", LlamaForCausalLM "model.", BertFor* "bert."), BERT's old
-"LayerNorm.gamma / beta" become ".weight / .bias"; tensors the model does not read (causal-mask buffers,
-position ids, pooler, MLM head, a tied lm_head) are skipped without being read.
+removed (GPT2LMHeadModel "transformer.", LlamaForCausalLM and DeepseekV2ForCausalLM "model.", BertFor*
+"bert."), BERT's old "LayerNorm.gamma / beta" become ".weight / .bias"; tensors the model does not read
+(causal-mask buffers, position ids, pooler, MLM head, a tied lm_head) are skipped without being read.
 
 Everything is checked on the headers before a byte of weights is read: each tensor the model needs is there
 (error naming it), has its shape, and is a float; so a bad checkpoint fails fast and leaves nothing half

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Tokenizer", "load_tokenizer"]
+__all__ = ["ByteTokenizer", "Tokenizer", "load_tokenizer"]
 
 EXTRA_HINT = "pip install 'rawformer[hf]' (or pip install tokenizers)"
 
@@ -159,3 +159,67 @@ def load_tokenizer(path: str | os.PathLike, max_length: int | None = None) -> To
         eos_token_id=special("eos"),
         max_length=max_length,
     )
+
+
+class ByteTokenizer:
+    """Byte-level tokenizer: ids 0..255 are the UTF-8 bytes of the text, 256 is the end-of-text token.
+
+    The interface of `Tokenizer` (encode, encode_batch, pad, __call__, decode, token_to_id and the id
+    attributes), with no file to read: the bundled byte-level model and its training corpus use it.
+    `add_special_tokens=True` appends nothing (documents are separated by end-of-text in the corpus, not
+    framed); decode drops end-of-text unless skip_special_tokens is False and replaces invalid UTF-8.
+    """
+
+    EOT = 256
+    EOT_TOKEN = "<|endoftext|>"
+
+    def __init__(self) -> None:
+        self.pad_token_id: int | None = self.EOT
+        self.bos_token_id: int | None = None
+        self.eos_token_id: int | None = self.EOT
+        self.max_length: int | None = None
+        self.vocab_size = 257
+
+    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        """The UTF-8 bytes of `text` as ids."""
+        return list(text.encode("utf-8"))
+
+    def encode_batch(self, texts: list[str], *, add_special_tokens: bool = True) -> list[list[int]]:
+        return [self.encode(t, add_special_tokens=add_special_tokens) for t in texts]
+
+    def pad(self, sequences: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+        """(input_ids, attention_mask), int64 (B, longest), right-padded with end-of-text."""
+        longest = max((len(s) for s in sequences), default=0)
+        ids = np.full((len(sequences), longest), self.EOT, dtype=np.int64)
+        mask = np.zeros((len(sequences), longest), dtype=np.int64)
+        for i, s in enumerate(sequences):
+            ids[i, : len(s)] = s
+            mask[i, : len(s)] = 1
+        return ids, mask
+
+    def __call__(self, texts: str | list[str]) -> tuple[np.ndarray, np.ndarray]:
+        return self.pad(self.encode_batch([texts] if isinstance(texts, str) else texts))
+
+    def decode(self, ids: Any, *, skip_special_tokens: bool = True) -> str:
+        """Text of ids: bytes decoded as UTF-8 (invalid sequences become U+FFFD); end-of-text is dropped, or
+        written as <|endoftext|> with skip_special_tokens=False."""
+        out, run = [], bytearray()
+        for i in ids:
+            i = int(i)
+            if 0 <= i < 256:
+                run.append(i)
+                continue
+            if i != self.EOT:
+                raise ValueError(f"ByteTokenizer.decode: id {i} is outside 0..256")
+            out.append(run.decode("utf-8", errors="replace"))
+            run = bytearray()
+            if not skip_special_tokens:
+                out.append(self.EOT_TOKEN)
+        out.append(run.decode("utf-8", errors="replace"))
+        return "".join(out)
+
+    def token_to_id(self, token: str) -> int | None:
+        if token == self.EOT_TOKEN:
+            return self.EOT
+        raw = token.encode("utf-8")
+        return raw[0] if len(raw) == 1 else None

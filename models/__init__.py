@@ -1,4 +1,5 @@
-"""rawformer.models: GPT-2, Llama and BERT, one readable file each, numpy-style code over rawformer ops.
+"""rawformer.models: GPT-2, Llama, BERT and DeepSeek-V2 (MLA + MoE), one readable file each, numpy-style
+code over rawformer ops.
 
 Every model is `Model(config, weights, xp)` with weights named and laid out as in the Hugging Face checkpoints
 (see each file's docstring for the table), running on NumPy (the float64 reference ops) or CuPy (the kernels).
@@ -11,15 +12,25 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from rawformer.models import bert, gpt2, llama
+from rawformer.models import bert, deepseek, gpt2, llama
 from rawformer.models.bert import BertModel
-from rawformer.models.config import BertConfig, GPT2Config, LlamaConfig, config_from_dict, llama_inv_freq
+from rawformer.models.config import (
+    BertConfig,
+    DeepseekV2Config,
+    GPT2Config,
+    LlamaConfig,
+    config_from_dict,
+    llama_inv_freq,
+)
+from rawformer.models.deepseek import DeepseekV2Model
 from rawformer.models.gpt2 import GPT2Model
 from rawformer.models.llama import LlamaModel
 
 __all__ = [
     "BertConfig",
     "BertModel",
+    "DeepseekV2Config",
+    "DeepseekV2Model",
     "GPT2Config",
     "GPT2Model",
     "LlamaConfig",
@@ -31,8 +42,13 @@ __all__ = [
     "module_for",
 ]
 
-_MODULES = {GPT2Config: gpt2, LlamaConfig: llama, BertConfig: bert}
-_CLASSES = {GPT2Config: GPT2Model, LlamaConfig: LlamaModel, BertConfig: BertModel}
+_MODULES = {GPT2Config: gpt2, LlamaConfig: llama, BertConfig: bert, DeepseekV2Config: deepseek}
+_CLASSES = {
+    GPT2Config: GPT2Model,
+    LlamaConfig: LlamaModel,
+    BertConfig: BertModel,
+    DeepseekV2Config: DeepseekV2Model,
+}
 
 
 def module_for(config: Any) -> Any:

@@ -25,6 +25,7 @@ import rawformer as rf
 from rawformer import backend
 from rawformer.kernels.gemm import matmul
 from rawformer.ops import _checks
+from rawformer.ops.quant import QuantizedWeight
 
 __all__ = [
     "Arena",
@@ -34,7 +35,9 @@ __all__ = [
     "decoder_attention",
     "last_token_rows",
     "linear",
+    "linear_swiglu",
     "linear_weight",
+    "stacked_linear_weight",
     "plan_step",
     "random_weights",
     "run_dtypes",
@@ -135,7 +138,13 @@ def linear(x: Any, w: Any, b: Any = None) -> Any:
     in place), b (out,) or None. Returns (..., out) in x's dtype.
 
     The GEMM is rawformer.kernels.gemm.matmul: on the GPU it calls cuBLAS in a way a CUDA graph can
-    capture (CuPy's own matmul cannot be captured); on the CPU it is NumPy's `@`."""
+    capture (CuPy's own matmul cannot be captured), and rf.linear runs its GEMV kernel for one row
+    instead; on the CPU it is NumPy's `@`. A QuantizedWeight (models/
+    quantize.py) goes to rf.int8_linear instead."""
+    if isinstance(w, QuantizedWeight):
+        return rf.int8_linear(x, w, b)
+    if backend.is_cupy(x):
+        return rf.linear(x, w, b)  # one row (batch-1 decode): the GEMV kernel; more: this same cuBLAS call
     lead = x.shape[:-1]
     y = matmul(x.reshape(-1, x.shape[-1]), w)  # (rows, out); the reshape is a view for contiguous rows
     if b is not None:
@@ -143,9 +152,27 @@ def linear(x: Any, w: Any, b: Any = None) -> Any:
     return y.reshape(*lead, w.shape[1])
 
 
+def linear_swiglu(x: Any, w_gate: Any, w_up: Any, b_gate: Any = None, b_up: Any = None) -> Any:
+    """silu(x @ w_gate + b_gate) * (x @ w_up + b_up): on the GPU rf.linear_swiglu (one GEMV launch for
+    both matrices at decode sizes), on the CPU two `linear`s and rf.swiglu."""
+    if isinstance(w_gate, QuantizedWeight):
+        return rf.int8_linear_swiglu(x, w_gate, w_up, b_gate, b_up)
+    if backend.is_cupy(x):
+        return rf.linear_swiglu(x, w_gate, w_up, b_gate, b_up)
+    return rf.swiglu(linear(x, w_gate, b_gate), linear(x, w_up, b_up))
+
+
 def linear_weight(w: Any, xp: Any) -> Any:
-    """An HF nn.Linear weight (out, in) as the contiguous (in, out) matrix of `x @ W`."""
-    return xp.ascontiguousarray(w.T)
+    """An HF nn.Linear weight (out, in) as the (in, out) matrix of `x @ W`: the transposed view of the
+    contiguous (out, in) array. Decode steps read it with rf.linear's gemv_nk (each output's weights are one
+    contiguous row: streamed at ~90% of the copy bandwidth, where the split-K kernel for a (in, out) matrix
+    and cuBLAS's GEMMs stay at 35-75% on the 1B decoder's shapes), and cuBLAS takes it in place (OP_T)."""
+    return xp.ascontiguousarray(w).T
+
+
+def stacked_linear_weight(ws: list[Any], xp: Any) -> Any:
+    """Several nn.Linear weights (out_i, in) stacked along the output axis, as one (in, sum out_i) view."""
+    return xp.ascontiguousarray(xp.concatenate(ws, axis=0)).T
 
 
 # ---- decoder attention over the paged cache ----------------------------------------------------------------

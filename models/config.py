@@ -16,10 +16,12 @@ import numpy as np
 
 __all__ = [
     "BertConfig",
+    "DeepseekV2Config",
     "GPT2Config",
     "LlamaConfig",
     "MODEL_TYPES",
     "config_from_dict",
+    "deepseek_rope",
     "llama_inv_freq",
 ]
 
@@ -194,10 +196,180 @@ class BertConfig(_FromDict):
         return _GELU[self.hidden_act]
 
 
-MODEL_TYPES: dict[str, type] = {"gpt2": GPT2Config, "llama": LlamaConfig, "bert": BertConfig}
+@dataclass(frozen=True)
+class DeepseekV2Config(_FromDict):
+    """DeepSeek-V2: Multi-head Latent Attention + DeepSeekMoE (DeepSeek-AI 2024, arXiv 2405.04434).
+
+    Attention per token: q = W_UQ rms_norm(W_DQ h) (q_lora_rank) or W_Q h; the KV latent
+    c = rms_norm(W_DKV h) (kv_lora_rank) and one RoPE key k_rope = rope(W_KR h) (qk_rope_head_dim) shared by
+    all heads are what the cache keeps; head i's key is [W_UK_i c ; k_rope], its value W_UV_i c.
+    Layers >= first_k_dense_replace are MoE: n_shared_experts always-on experts + top num_experts_per_tok of
+    n_routed_experts (softmax gate; "greedy" or "group_limited_greedy").
+    RoPE: interleaved pairs (2p, 2p+1) on the rope dims; rope_scaling / rope_parameters "yarn" supported.
+    Fields we cannot run are refused by name (see __post_init__)."""
+
+    vocab_size: int = 102400
+    hidden_size: int = 5120
+    intermediate_size: int = 12288  # dense layers' SwiGLU width
+    moe_intermediate_size: int = 1536  # one expert's SwiGLU width
+    num_hidden_layers: int = 60
+    num_attention_heads: int = 128
+    num_key_value_heads: int | None = None  # must equal num_attention_heads (MLA has no GQA)
+    q_lora_rank: int | None = 1536  # None: a full-rank q_proj (DeepSeek-V2-Lite)
+    kv_lora_rank: int = 512  # the cached latent
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64  # the cached rope key (one per token, shared by the heads)
+    v_head_dim: int = 128
+    n_routed_experts: int | None = 160  # None: every layer dense
+    n_shared_experts: int | None = 2
+    num_experts_per_tok: int | None = 6
+    first_k_dense_replace: int = 1  # layers below are dense
+    moe_layer_freq: int = 1  # every layer from first_k_dense_replace is MoE (the only supported value)
+    topk_method: str = "greedy"  # "greedy" | "group_limited_greedy"
+    n_group: int | None = None  # expert groups (group_limited_greedy)
+    topk_group: int | None = None  # groups kept per token (group_limited_greedy)
+    routed_scaling_factor: float = 1.0  # routed weights x this (when not norm_topk_prob)
+    norm_topk_prob: bool = False  # True: top-k weights / their sum (DeepSeek's reference code)
+    scoring_func: str = "softmax"
+    hidden_act: str = "silu"
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None  # original checkpoints: {"type": "yarn", ...}
+    rope_parameters: dict[str, Any] | None = None  # transformers >= 5: {"rope_type", "rope_theta", ...}
+    max_position_embeddings: int = 163840
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # not supported
+    mlp_bias: bool = False  # not supported
+    pretraining_tp: int = 1  # not supported otherwise
+    model_type: str = field(default="deepseek_v2", repr=False)
+
+    def __post_init__(self) -> None:
+        if self.num_key_value_heads is None:
+            object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
+        _positive(
+            self, "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+            "num_attention_heads",
+            "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "max_position_embeddings",
+        )  # fmt: skip
+        name = "DeepseekV2Config"
+        if self.num_key_value_heads != self.num_attention_heads:
+            raise ValueError(f"{name}.num_key_value_heads must equal num_attention_heads (MLA has no GQA)")
+        if self.q_lora_rank is not None:
+            _positive(self, "q_lora_rank")
+        if self.qk_rope_head_dim % 2:
+            raise ValueError(
+                f"{name}.qk_rope_head_dim must be even (RoPE pairs), got {self.qk_rope_head_dim}"
+            )
+        for flag in ("attention_bias", "mlp_bias"):
+            if getattr(self, flag):
+                raise ValueError(f"{name}.{flag}=True is not supported")
+        if self.pretraining_tp not in (None, 1):
+            raise ValueError(f"{name}.pretraining_tp={self.pretraining_tp} is not supported (only 1)")
+        if self.hidden_act != "silu":
+            raise ValueError(f"{name}.hidden_act {self.hidden_act!r} is not supported (only 'silu')")
+        if self.scoring_func != "softmax":
+            raise ValueError(f"{name}.scoring_func {self.scoring_func!r} is not supported (only 'softmax')")
+        if self.has_moe:
+            _positive(self, "n_routed_experts", "num_experts_per_tok", "moe_intermediate_size")
+            if self.moe_layer_freq != 1:
+                raise ValueError(f"{name}.moe_layer_freq={self.moe_layer_freq} is not supported (only 1)")
+            if self.num_experts_per_tok > self.n_routed_experts:  # type: ignore[operator]
+                raise ValueError(f"{name}.num_experts_per_tok exceeds n_routed_experts")
+            if self.topk_method == "group_limited_greedy":
+                _positive(self, "n_group", "topk_group")
+                if self.n_routed_experts % self.n_group or self.topk_group > self.n_group:  # type: ignore
+                    raise ValueError(f"{name}: n_group must divide n_routed_experts and be >= topk_group")
+            elif self.topk_method != "greedy":
+                raise ValueError(
+                    f"{name}.topk_method {self.topk_method!r} is not supported "
+                    "(known: greedy, group_limited_greedy)"
+                )
+        deepseek_rope(self)  # reject an unknown rope scaling now, not at the first forward
+
+    @property
+    def has_moe(self) -> bool:
+        return self.n_routed_experts is not None and self.first_k_dense_replace < self.num_hidden_layers
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.has_moe and layer >= self.first_k_dense_replace
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def rope_dict(self) -> dict[str, Any]:
+        """The rope settings, whichever key the checkpoint used (rope_parameters wins)."""
+        return dict(self.rope_parameters or self.rope_scaling or {})
 
 
-def config_from_dict(d: dict[str, Any]) -> GPT2Config | LlamaConfig | BertConfig:
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def deepseek_rope(config: DeepseekV2Config) -> tuple[np.ndarray, float, float]:
+    """(inv_freq float32 (qk_rope_head_dim / 2,), rope_gain, softmax_scale) of a DeepseekV2 config.
+
+    default:  inv_freq[p] = theta ** (-2p / d), gain 1, scale = qk_head_dim ** -0.5
+    "yarn" (factor f, original_max_position_embeddings N, beta_fast / beta_slow, mscale, mscale_all_dim):
+        lo, hi = floor / ceil of d ln(N / (2 pi beta)) / (2 ln theta) for beta_fast / beta_slow, clipped to
+        [0, d - 1]; ramp[p] = clip((p - lo) / (hi - lo), 0, 1); inv_freq = inv / f * ramp + inv * (1 - ramp);
+        gain (multiplies cos and sin) = m(f, mscale) / m(f, mscale_all_dim), m(f, a) = 0.1 a ln f + 1 (f > 1)
+        (attention_factor when given); softmax scale = qk_head_dim ** -0.5 * m(f, mscale_all_dim) ** 2.
+    """
+    d = config.qk_rope_head_dim
+    rs = config.rope_dict
+    theta = float(rs.get("rope_theta", config.rope_theta))
+    inv = theta ** (-np.arange(0, d, 2, dtype=np.float64) / d)
+    scale = config.qk_head_dim**-0.5
+    kind = rs.get("rope_type", rs.get("type", "default"))
+    if kind in (None, "default"):
+        return inv.astype(np.float32), 1.0, scale
+    if kind != "yarn":
+        raise ValueError(
+            f"DeepseekV2Config: rope scaling type {kind!r} is not supported (known: default, yarn)"
+        )
+    known = {"rope_type", "type", "rope_theta", "factor", "original_max_position_embeddings", "beta_fast",
+             "beta_slow", "mscale", "mscale_all_dim", "attention_factor", "truncate"}  # fmt: skip
+    unknown = sorted(set(rs) - known)
+    if unknown:
+        raise ValueError(f"DeepseekV2Config: yarn rope setting {unknown[0]!r} is not supported")
+    factor = float(rs["factor"])
+    old = float(rs.get("original_max_position_embeddings") or config.max_position_embeddings)
+    beta_fast, beta_slow = float(rs.get("beta_fast") or 32), float(rs.get("beta_slow") or 1)
+    mscale, mscale_all = rs.get("mscale"), rs.get("mscale_all_dim")
+
+    def corr(rot: float) -> float:
+        return d * math.log(old / (rot * 2 * math.pi)) / (2 * math.log(theta))
+
+    lo, hi = corr(beta_fast), corr(beta_slow)
+    if rs.get("truncate", True):
+        lo, hi = math.floor(lo), math.ceil(hi)
+    lo, hi = max(lo, 0), min(hi, d - 1)
+    if lo == hi:
+        hi += 0.001
+    ramp = np.clip((np.arange(d // 2, dtype=np.float64) - lo) / (hi - lo), 0.0, 1.0)
+    inv_freq = inv / factor * ramp + inv * (1.0 - ramp)
+    gain = rs.get("attention_factor")
+    if gain is None:
+        if mscale and mscale_all:
+            gain = _yarn_mscale(factor, float(mscale)) / _yarn_mscale(factor, float(mscale_all))
+        else:
+            gain = _yarn_mscale(factor)
+    if mscale_all:
+        scale *= _yarn_mscale(factor, float(mscale_all)) ** 2
+    return inv_freq.astype(np.float32), float(gain), scale
+
+
+MODEL_TYPES: dict[str, type] = {
+    "gpt2": GPT2Config,
+    "llama": LlamaConfig,
+    "bert": BertConfig,
+    "deepseek_v2": DeepseekV2Config,
+}
+
+
+def config_from_dict(d: dict[str, Any]) -> GPT2Config | LlamaConfig | BertConfig | DeepseekV2Config:
     """The config of a Hugging Face config.json dict, chosen by its `model_type`.
 
     Raises ValueError naming the model_type when it is missing or not one of MODEL_TYPES."""

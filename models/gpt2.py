@@ -69,16 +69,22 @@ def weight_shapes(config: GPT2Config) -> dict[str, tuple[int, ...]]:
 
 
 class Block:
-    """One pre-LN transformer block's weights (views of the weight dict: nothing is copied)."""
+    """One pre-LN transformer block's weights. On the CPU, views of the weight dict (nothing is copied); on
+    the GPU each Conv1D matrix (in, out) is stored as the transposed view of an (out, in) copy, the layout
+    rf.linear's decode GEMV streams fastest (models/common.linear_weight says why)."""
 
-    def __init__(self, w: dict[str, Any], i: int) -> None:
+    def __init__(self, w: dict[str, Any], i: int, xp: Any) -> None:
         p = f"h.{i}."
+
+        def mat(name: str) -> Any:
+            return w[name] if xp is np else xp.ascontiguousarray(w[name].T).T
+
         self.ln_1 = (w[p + "ln_1.weight"], w[p + "ln_1.bias"])
-        self.c_attn = (w[p + "attn.c_attn.weight"], w[p + "attn.c_attn.bias"])  # (H, 3H), (3H,)
-        self.attn_proj = (w[p + "attn.c_proj.weight"], w[p + "attn.c_proj.bias"])  # (H, H), (H,)
+        self.c_attn = (mat(p + "attn.c_attn.weight"), w[p + "attn.c_attn.bias"])  # (H, 3H), (3H,)
+        self.attn_proj = (mat(p + "attn.c_proj.weight"), w[p + "attn.c_proj.bias"])  # (H, H), (H,)
         self.ln_2 = (w[p + "ln_2.weight"], w[p + "ln_2.bias"])
-        self.c_fc = (w[p + "mlp.c_fc.weight"], w[p + "mlp.c_fc.bias"])  # (H, inner), (inner,)
-        self.mlp_proj = (w[p + "mlp.c_proj.weight"], w[p + "mlp.c_proj.bias"])  # (inner, H), (H,)
+        self.c_fc = (mat(p + "mlp.c_fc.weight"), w[p + "mlp.c_fc.bias"])  # (H, inner), (inner,)
+        self.mlp_proj = (mat(p + "mlp.c_proj.weight"), w[p + "mlp.c_proj.bias"])  # (inner, H), (H,)
 
 
 class GPT2Model:
@@ -101,7 +107,7 @@ class GPT2Model:
         self.vocab_size = config.vocab_size
         self.wte = weights["wte.weight"]  # (V, H); the lm head is wte.T (tied)
         self.wpe = weights["wpe.weight"]  # (P, H)
-        self.blocks = [Block(weights, i) for i in range(config.n_layer)]
+        self.blocks = [Block(weights, i, self.xp) for i in range(config.n_layer)]
         self.ln_f = (weights["ln_f.weight"], weights["ln_f.bias"])
 
     def forward(self, batch: StepBatch, arena: Any, *, last_only: bool = False) -> Any:

@@ -35,9 +35,11 @@ from rawformer.models.common import (
     decoder_attention,
     last_token_rows,
     linear,
+    linear_swiglu,
     linear_weight,
     plan_step,
     random_weights,
+    stacked_linear_weight,
 )
 from rawformer.models.config import LlamaConfig, llama_inv_freq
 
@@ -91,7 +93,7 @@ class Block:
         self.ln_1 = w[p + "input_layernorm.weight"]
         self.ln_2 = w[p + "post_attention_layernorm.weight"]
         # (H, (heads + 2 kv_heads) D): q | k | v along the output axis
-        self.w_qkv = xp.concatenate([linear_weight(w[a + n + "_proj.weight"], xp) for n in "qkv"], axis=1)
+        self.w_qkv = stacked_linear_weight([w[a + n + "_proj.weight"] for n in "qkv"], xp)
         self.w_o = linear_weight(w[a + "o_proj.weight"], xp)  # (heads D, H)
         self.w_gate = linear_weight(w[m + "gate_proj.weight"], xp)  # (H, I)
         self.w_up = linear_weight(w[m + "up_proj.weight"], xp)  # (H, I)
@@ -161,7 +163,7 @@ class LlamaModel:
             a = decoder_attention(q, k, v, batch, plan, kc, vc)  # (T, nh, d)
             a = linear(a.reshape(t, nh * d), blk.w_o, blk.b_o)  # (T, H)
             h, x = rf.add_rms_norm(a, x, blk.ln_2, eps)  # x = x + a; h = rms_norm(x)
-            g = rf.swiglu(linear(h, blk.w_gate, blk.b_gate), linear(h, blk.w_up, blk.b_up))  # (T, I)
+            g = linear_swiglu(h, blk.w_gate, blk.w_up, blk.b_gate, blk.b_up)  # (T, I)
             m = linear(g, blk.w_down, blk.b_down)  # (T, H)
             nxt = self.blocks[layer + 1].ln_1 if layer + 1 < len(self.blocks) else self.norm
             if last_only and layer + 1 == len(self.blocks):

@@ -8,8 +8,9 @@ NumPy arrays run the float64 NumPy reference that sits beside each launcher.
 """
 
 from rawformer import backend
+from rawformer.loading import LoadedModel, load
 from rawformer.ops import *  # noqa: F403  (the public ops)
 from rawformer.ops import __all__ as _ops_all
 
 __version__ = "0.1.0"
-__all__ = ["backend", "__version__", *_ops_all]
+__all__ = ["backend", "__version__", "LoadedModel", "load", *_ops_all]

@@ -1,14 +1,24 @@
-"""`rawformer demo`: every fused op on every backend present, timed and checked against its reference.
+"""`rawformer demo`: the model demo (the default) and the ops check (`--ops`).
 
-Until the inference engine lands this is the main job: it shows what runs here (NumPy on any machine; the
-CUDA and Numba kernels when a GPU answers), how long each op takes and how far it lands from the float64
-NumPy reference.
+Model demo (`run_model`): a handful of prompts go through continuous batching (rawformer.runtime.Engine) with
+their text streamed as it is generated; the requests arrive a few steps apart, so new ones join a batch that
+is already decoding. Then it prints tokens/s, the KV memory the paged pool used at its peak against what a
+contiguous cache (every sequence reserving the model's full length) would take, and the ops that ran with
+their call counts (on the GPU each is a CUDA kernel of ours, the GEMMs cuBLAS; on the CPU each is the
+float64 NumPy reference; RAWFORMER_DEBUG=1 prints every kernel launch with its time).
+
+Ops check (`run`): every fused op on every backend present (NumPy on any machine; the CUDA and Numba kernels
+when a GPU answers), timed and compared with its float64 NumPy reference.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import sys
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -202,3 +212,173 @@ def run(rows: int = 512, cols: int = 1000, dtype: np.dtype | type = np.float32) 
         print("\nNo GPU here: only the NumPy path ran. On a machine with an NVIDIA GPU and the cuda12 or")
         print("cuda13 extra the same command also runs the CUDA and Numba kernels.")
     return results
+
+
+# ---- the model demo ----------------------------------------------------------------------------------------
+
+# Prompts the bundled model (a small byte-level GPT of the stdlib) continues well under greedy decoding: after
+# a bare "def f(n):" or "for ...:" line its greedy choice is indentation, space after space.
+PROMPTS = (
+    'def fibonacci(n):\n    """',
+    "import os\nimport sys\n\n",
+    "class Stack:\n    def __init__(self):",
+    "# Return the sum of a list\ndef total(",
+    "def read_file(path):\n    with open(",
+)
+
+
+@contextlib.contextmanager
+def trace_ops() -> Iterator[Counter]:
+    """Count calls of the public rawformer ops (and the models' GEMM) while the block runs.
+
+    The models call ops as `rf.<op>` and GEMMs through rawformer.models.common.matmul, looked up at call
+    time, so wrapping those attributes sees every call; they are restored on exit."""
+    from rawformer import ops
+    from rawformer.models import common
+
+    counts: Counter = Counter()
+    saved: list[tuple[Any, str, Any]] = []
+
+    def wrap(owner: Any, name: str, label: str) -> None:
+        fn = getattr(owner, name)
+
+        @functools.wraps(fn)
+        def counted(*a: Any, **k: Any) -> Any:
+            counts[label] += 1
+            return fn(*a, **k)
+
+        saved.append((owner, name, fn))
+        setattr(owner, name, counted)
+
+    for name in ops.__all__:
+        if callable(getattr(rf, name, None)):
+            wrap(rf, name, name)
+    wrap(common, "matmul", "gemm")
+    try:
+        yield counts
+    finally:
+        for owner, name, fn in reversed(saved):
+            setattr(owner, name, fn)
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.2f} MiB"
+
+
+def run_model(
+    model: Any,
+    tokenizer: Any,
+    prompts: tuple[str, ...] | list[str] = PROMPTS,
+    max_new_tokens: int = 48,
+    *,
+    stagger: int = 2,
+    temperature: float = 0.0,
+    out: Any = None,
+    name: str = "model",
+) -> dict[str, Any]:
+    """Run prompts through continuous batching with streamed output and print what happened.
+
+    Parameters
+    ----------
+    model, tokenizer : a decoder and its tokenizer (encode / decode)
+    prompts : texts; request i is added `stagger` * i steps after the first
+    max_new_tokens : tokens per request (no early stop at end-of-text: ignore_eos)
+    out : where to print (default sys.stdout)
+
+    Returns a dict: tokens_per_s, generated, prompt_tokens, seconds, kv_peak_bytes, kv_contiguous_bytes,
+    ops (name -> calls), texts.
+    """
+    from rawformer.runtime.engine import Engine
+    from rawformer.runtime.generate import _model_limit
+
+    out = out or sys.stdout
+    limit = _model_limit(model) or 2048
+    engine = Engine(
+        model,
+        tokenizer,
+        kv_tokens=len(prompts) * min(limit, 512),
+        max_num_seqs=len(prompts),
+        max_num_batched_tokens=256,
+        name=name,
+    )
+    pool = engine.pool
+    gpu = model.xp is not np
+    where = "the GPU" if gpu else "the CPU"
+    print(f"rawformer {rf.__version__} demo: {name} on {where} ({np.dtype(model.dtype)})", file=out)
+    print(
+        f"{len(prompts)} prompts, {max_new_tokens} new tokens each, arriving {stagger} steps apart; "
+        "streamed text, [i] = request i:\n",
+        file=out,
+    )
+    pending = list(enumerate(prompts))
+    rids: dict[Any, int] = {}
+    buf: dict[int, str] = {}
+    peak = 0
+    step = 0
+
+    def flush(i: int, force: bool = False) -> None:
+        text = buf.get(i, "")
+        if text and (force or len(text) >= 32 or "\n" in text):
+            print(f"  [{i}] {text!r}", file=out)
+            buf[i] = ""
+
+    def stream(o: Any) -> None:
+        i = rids[o.request_id]
+        buf[i] = buf.get(i, "") + o.new_text
+        flush(i, force=o.finished)
+
+    finals: dict[int, Any] = {}
+    t0 = time.perf_counter()
+    with trace_ops() as counts:
+        while pending or engine.has_unfinished:
+            if pending and step % max(stagger, 1) == 0:
+                i, text = pending.pop(0)
+                rid = engine.add_request(
+                    text, max_new_tokens, temperature=temperature, seed=i, ignore_eos=True, on_output=stream
+                )
+                rids[rid] = i
+            for o in engine.step():
+                if o.finished:
+                    finals[rids[o.request_id]] = o
+            peak = max(peak, pool.stats().blocks_used)
+            step += 1
+    seconds = time.perf_counter() - t0
+    generated = sum(len(o.token_ids) for o in finals.values())
+    prompt_tokens = sum(o.prompt_tokens for o in finals.values())
+    print("\ncompletions:", file=out)
+    for i, text in enumerate(prompts):
+        print(f"  [{i}] {text!r} -> {finals[i].text!r}", file=out)
+    arena = pool.arena
+    kv_peak = peak * arena.block_bytes
+    kv_contiguous = len(prompts) * limit * arena.token_bytes
+    steps = engine.scheduler.totals["steps"]
+    print(
+        f"\n{generated} tokens generated ({prompt_tokens} prompt tokens) in {seconds:.2f} s: "
+        f"{generated / seconds:.1f} tokens/s over {steps} steps",
+        file=out,
+    )
+    saved = 100 * (1 - kv_peak / kv_contiguous)
+    print(
+        f"KV cache: peak {peak} blocks of {pool.block_size} tokens = {_mib(kv_peak)}; a contiguous cache "
+        f"of {len(prompts)} x {limit} tokens = {_mib(kv_contiguous)} ({saved:.1f}% less paged)",
+        file=out,
+    )
+    where = "CUDA kernels (GEMMs: cuBLAS)" if gpu else "NumPy float64 reference ops (GEMMs: NumPy)"
+    print(f"ops that ran ({where}; RAWFORMER_DEBUG=1 prints every kernel launch):", file=out)
+    if gpu:
+        print(
+            "  (calls made from Python; CUDA-graph replays of decode steps run their kernels without it)",
+            file=out,
+        )
+    print("  " + ", ".join(f"{k} x{v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1])), file=out)
+    return dict(
+        tokens_per_s=generated / seconds,
+        generated=generated,
+        prompt_tokens=prompt_tokens,
+        seconds=seconds,
+        kv_peak_bytes=kv_peak,
+        kv_contiguous_bytes=kv_contiguous,
+        ops=dict(counts),
+        texts=[finals[i].text for i in range(len(prompts))],
+        token_ids=[finals[i].token_ids for i in range(len(prompts))],
+    )

@@ -196,7 +196,7 @@ def test_bf16_and_f16_checkpoints(tmp_path):
 def test_unknown_model_type(tmp_path):
     w, _ = hf_weights("gpt2")
     write_dir(tmp_path, dict(GPT2_CFG, model_type="mamba"), as_checkpoint("gpt2", w))
-    with pytest.raises(CheckpointError, match="unknown model_type 'mamba'.*bert, gpt2, llama"):
+    with pytest.raises(CheckpointError, match="unknown model_type 'mamba'.*bert, deepseek_v2, gpt2, llama"):
         load_hf(tmp_path, device="cpu")
 
 

@@ -22,6 +22,7 @@ NVCC = shutil.which("nvcc")
 # family -> the kernel templates that run on tensor cores
 TENSOR_CORE = {
     "attention": ("attention_v2<", "attention_v4<"),
+    "attention_backward": ("attention_backward_v2<",),
     "paged_attention": ("paged_attention_v2<", "paged_attention_v3<", "paged_attention_v4<"),
 }
 

@@ -13,7 +13,10 @@ names = zipfile.ZipFile(sys.argv[1]).namelist()
 tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith((".dist-info", ".data"))}
 assert tops == {"rawformer"}, f"wheel installs more than rawformer: {sorted(tops)}"
 for needed in ("rawformer/cuda_src/common.cuh", "rawformer/cuda_src/softmax.cu", "rawformer/models/__init__.py",
-               "rawformer/export/__init__.py", "rawformer/kernels/numba/__init__.py"):
+               "rawformer/export/__init__.py", "rawformer/kernels/numba/__init__.py",
+               "rawformer/models/stdlib-gpt.onnx", "rawformer/models/stdlib-gpt.json",
+               "rawformer/training/__init__.py", "rawformer/commands/__init__.py", "rawformer/server/__init__.py",
+               "rawformer/distributed/__init__.py"):
     assert needed in names, f"{needed} missing from the wheel"
 print(f"wheel ok: {len(names)} files, top-level {sorted(tops)}")
 PY

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from rawformer import backend
+from rawformer.kernels import pdl as _pdl
 
 _DEFAULT_SMEM_LIMIT = 48 * 1024  # above this a kernel must opt in to more dynamic shared memory
 
@@ -29,11 +30,14 @@ def launch(
     *,
     shared_mem: int = 0,
     bytes_moved: int | None = None,
+    pdl: bool = False,
 ) -> None:
     """Launch `kernel` on CuPy's current stream.
 
     Python ints and floats in `args` must already be typed (np.int32 / np.int64 / np.float32): CuPy passes
     them by their NumPy type, and a mismatch with the kernel signature would be silent garbage.
+    `pdl=True` (for kernels that call rf::pdl_wait before touching what earlier kernels write) launches
+    with programmatic stream serialization where the device supports it (rawformer.kernels.pdl).
     """
     for a in args:
         if isinstance(a, (bool, int, float)):
@@ -45,6 +49,9 @@ def launch(
     cp = backend.require_cupy()
     if not debug_enabled():
         try:
+            if pdl and _pdl.enabled():
+                _pdl.launch_pdl(kernel, grid, block, args, shared_mem)
+                return
             kernel(grid, block, args, shared_mem=shared_mem)
         except Exception as exc:
             raise RuntimeError(f"launching {kernel.name} grid={grid} block={block} failed: {exc}") from exc

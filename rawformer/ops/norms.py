@@ -458,6 +458,7 @@ def _launch_forward(
         tuple(args),
         shared_mem=smem,
         bytes_moved=n_arrays * x2.nbytes,
+        pdl=True,  # norms.cu waits (rf::pdl_wait) before its first access
     )
 
 

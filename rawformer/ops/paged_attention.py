@@ -674,6 +674,7 @@ def paged_attention(
         ),
         shared_mem=plan.smem,
         bytes_moved=moved,
+        pdl=True,  # every version waits (rf::pdl_wait) before its first access
     )
     if splits > 1:
         launch(
@@ -683,6 +684,7 @@ def paged_attention(
             (part_out, part_lse, result, i32(splits), i32(kdim)),
             shared_mem=4 * splits,
             bytes_moved=part_out.nbytes + part_lse.nbytes + result.nbytes,
+            pdl=True,
         )
     if kdim != head_dim:
         result = result[..., :head_dim]

@@ -418,6 +418,7 @@ def _run_kernel(
         ),
         shared_mem=tok * half * 8 + (16 * tok if mode != _MODE_ROPE else 0),  # cos/sin + cache rows
         bytes_moved=moved,
+        pdl=True,  # rope.cu waits (rf::pdl_wait) before its first access
     )
 
 

@@ -7,6 +7,7 @@ out = gen.generate(["Hello"], 64, temperature=0.8, top_p=0.95, seed=0, stop=["\\
 vectors = embed(bert_model, tokenizer, ["a sentence", "another one"])
 """
 
+from rawformer.runtime.adaptive import AdaptiveBatcher
 from rawformer.runtime.cuda_graphs import (
     DEFAULT_BUCKETS,
     CupyCapture,
@@ -15,6 +16,7 @@ from rawformer.runtime.cuda_graphs import (
     GraphStats,
     bucket_for,
 )
+from rawformer.runtime.engine import Engine, EngineClosed, QueueFull
 from rawformer.runtime.generate import (
     Generation,
     GenerationResult,
@@ -31,8 +33,16 @@ from rawformer.runtime.sampler import (
     sample_tokens,
     sampling_probs,
 )
+from rawformer.runtime.scheduler import Request, RequestOutput, Scheduler
 
 __all__ = [
+    "AdaptiveBatcher",
+    "Engine",
+    "EngineClosed",
+    "QueueFull",
+    "Request",
+    "RequestOutput",
+    "Scheduler",
     "DEFAULT_BUCKETS",
     "CupyCapture",
     "DecodeGraphs",

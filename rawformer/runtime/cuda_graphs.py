@@ -162,21 +162,27 @@ class DecodeGraphs:
 
     `run(batch)` replays the graph of the batch's (num_seqs, block-table width), capturing it on first use.
     The batch must come from `pool.prepare(..., pad_to=bucket, block_table_width=W)` with one new token per
-    sequence. Returns the graph's logits buffer (valid until the next run).
+    sequence. Returns the graph's logits buffer (valid until the next run). `run(batch, greedy=True)` runs
+    a graph that also takes the argmax of every row and returns those token ids (bucket,) instead: a greedy
+    step then copies a few bytes to the host instead of launching a reduction from Python.
     """
 
     def __init__(self, forward: Callable[[Any], Any], backend: Any = None) -> None:
         self.forward = forward
         self.backend = backend if backend is not None else CupyCapture()
-        self._graphs: dict[tuple[int, int], _Captured] = {}
+        self._graphs: dict[tuple[int, int, bool], _Captured] = {}
         self._base: int | None = None
         self.stats = GraphStats()
 
-    def run(self, batch: Any) -> Any:
+    def _step(self, batch: Any, greedy: bool) -> Any:
+        logits = self.forward(batch)
+        return logits.argmax(axis=1) if greedy else logits
+
+    def run(self, batch: Any, greedy: bool = False) -> Any:
         num_seqs = int(batch.context_lens.shape[0])
         if int(batch.tokens.shape[0]) != num_seqs:
             raise ValueError("DecodeGraphs.run: a graph step takes exactly one new token per sequence")
-        key = (num_seqs, int(batch.block_tables.shape[1]))
+        key = (num_seqs, int(batch.block_tables.shape[1]), bool(greedy))
         ptrs = input_pointers(batch)
         cap = self._graphs.get(key)
         # tokens sit at the start of the pool's step buffer in every layout: a new address there means the
@@ -190,14 +196,14 @@ class DecodeGraphs:
         self._base = ptrs[0]
         if cap is None:
             try:
-                graph, out, mempool = self.backend.capture(lambda: self.forward(batch))
+                graph, out, mempool = self.backend.capture(lambda: self._step(batch, greedy))
             except Exception as exc:
-                self.stats.error = f"capture of (bucket, width) {key} failed: {type(exc).__name__}: {exc}"
+                self.stats.error = f"capture of (bucket, width) {key[:2]} failed: {type(exc).__name__}: {exc}"
                 raise GraphCaptureError(self.stats.error) from exc
             cap = _Captured(graph, out, mempool, ptrs)
             self._graphs[key] = cap
             self.stats.captures += 1
-            self.stats.keys = sorted(self._graphs)
+            self.stats.keys = sorted({k[:2] for k in self._graphs})
         self.backend.launch(cap.graph)
         self.stats.replays += 1
         return cap.output

@@ -133,10 +133,13 @@ def make_pool(
     if max_seq_len is None:
         max_seq_len = min(limit, max(max_tokens, 1)) if limit else max(max_tokens, 1)
     blocks = max(math.ceil(max_tokens / block_size), math.ceil(max_seq_len / block_size))
-    arena = KVArena(
-        model.num_layers, model.num_kv_heads, model.head_dim, model.dtype, block_size,
-        num_blocks=blocks, xp=model.xp,
-    )  # fmt: skip
+    if hasattr(model, "make_arena"):  # a model with a cache of its own layout (MLA: latents + rope keys)
+        arena = model.make_arena(block_size, num_blocks=blocks)
+    else:
+        arena = KVArena(
+            model.num_layers, model.num_kv_heads, model.head_dim, model.dtype, block_size,
+            num_blocks=blocks, xp=model.xp,
+        )  # fmt: skip
     return KVPool(arena, max_seq_len=max_seq_len, prefix_caching=prefix_caching)
 
 
@@ -266,8 +269,8 @@ class Generator:
             raise ValueError(f"Generator: graph_buckets must be positive ints, got {graph_buckets!r}")
         self.buckets = tuple(buckets)
         debug = os.environ.get("RAWFORMER_DEBUG", "") not in ("", "0")
-        if use_graphs is None:
-            use_graphs = self.is_gpu and not debug
+        if use_graphs is None:  # a model whose step reads device values on the host cannot be captured
+            use_graphs = self.is_gpu and not debug and getattr(model, "graph_capturable", True)
         if use_graphs and not self.is_gpu and graph_backend is None:
             raise ValueError(
                 "Generator: CUDA graphs need the GPU (a CuPy model); use_graphs=False on the CPU"
@@ -285,13 +288,15 @@ class Generator:
     def _eager_step(self, batch: Any) -> Any:
         return self.model.forward(batch, self.arena)  # one token per sequence: (S, V)
 
-    def _decode(self, batch: Any) -> Any:
+    def _decode(self, batch: Any, greedy: bool = False) -> Any:
+        """Logits (bucket, V) of a padded decode step, or with `greedy` their argmax (bucket,)."""
         if self.graphs is not None and self.pad and self.graphs.stats.error is None:
             try:
-                return self.graphs.run(batch)
+                return self.graphs.run(batch, greedy=greedy)
             except GraphCaptureError as exc:
                 warnings.warn(f"{exc}; decode steps run eagerly from now on", RuntimeWarning, stacklevel=3)
-        return self._eager_step(batch)
+        logits = self._eager_step(batch)
+        return logits.argmax(axis=1) if greedy else logits
 
     @property
     def graph_stats(self) -> GraphStats | None:
@@ -490,12 +495,13 @@ class Generator:
                         f"decode step {step} of {n} sequences (the pool has {pool.num_blocks} blocks of "
                         f"{pool.block_size} tokens) — use a larger pool, fewer prompts or fewer new tokens",
                     ) from e  # fmt: skip
-                if bucket is not None:
-                    logits = self._decode(batch)[:n]
-                else:
-                    logits = self._eager_step(batch)
                 idx = [rows[r.seq_id] for r in active]
-                toks = sampler(logits, idx).tolist()
+                if bucket is not None and sampler.all_greedy and not sampler.penalized:
+                    # the argmax runs inside the step's graph: only n token ids come back
+                    toks = backend.to_numpy(self._decode(batch, greedy=True)[:n]).tolist()
+                else:
+                    logits = self._decode(batch)[:n] if bucket is not None else self._eager_step(batch)
+                    toks = sampler(logits, idx).tolist()
                 sampler.observe(idx, [[t] for t in toks])
                 still = []
                 for r, t in zip(active, toks, strict=True):

@@ -1,0 +1,264 @@
+// int8_gemv.cu: weight-only INT8 (W8A16) linear layers: y = x @ dequant(W) (+ b).
+//
+// Memory layout (the launcher, rawformer/ops/quant.py, builds these):
+//   q       int8  [N, ldq]   row n = output channel n, its K input weights, zero padded to ldq (a multiple of
+//                            16, so every row is a whole number of 16-byte chunks and 16-byte aligned)
+//   scales  fp16  [N]            per output channel (G == 0):  w[k, n] = q[n, k] * scales[n]
+//                 [N, ngroups]   group-wise (G > 0):           w[k, n] = q[n, k] * scales[n, k / G]
+//   x       T     [M, ldx]   M tokens (1..8 per launch), ldx a multiple of 16, columns K..ldx-1 zero (or the
+//                            launcher passes a zero-padded copy), T = __half or float
+//   bias    T     [N] or null
+//   y       T     [M, ldy]
+// Symmetric quantization: q in [-127, 127], no zero point.
+//
+// Versions (one kernel template, numbered configurations of it; DUAL = the fused gate/up + SwiGLU form):
+//   int8_gemv v1  <R=1, U=1>  one warp per output row, one 16-byte chunk per lane per step: the baseline.
+//   int8_gemv v2  <R=2, U=4>  two rows per warp (x loaded once for both), four chunks per lane in flight:
+//                             8 independent 16-byte weight loads per lane before the first use.
+//   int8_gemv v3  <R=4, U=2>  four rows per warp: x traffic through L1 halved again, same loads in flight.
+// Ideas common to all versions:
+//   - weights stream once: ld.global.nc.L1::no_allocate 16-byte loads (L1 is left to x, which every warp
+//     rereads); x comes through the read-only path (16 halves = two 16-byte loads per token and chunk).
+//   - int8 -> fp32 without I2F (quarter rate on sm_90): xor 0x80 makes the byte biased-unsigned, PRMT puts it
+//     in the mantissa of 2^23 (0x4B0000bb = 2^23 + b + 128), one FADD of -(2^23 + 128) gives q exactly.
+//   - fp32 accumulation: each chunk's 16 products summed in fp32 into a fresh partial, then added (times the
+//     group's scale when G > 0) to the running sum; per-channel scales are applied once after the reduction.
+//   - per (row, token) a butterfly warp reduction (common.cuh); lane r * M + m then holds and stores y[m, row r].
+//   - rows past N are clamped to N - 1 for the loads (no divergence in the loop) and never stored.
+//   - 128 threads per CTA = 4 warps = 4 R rows; grid ceil(N / (4 R)).
+//   - DUAL (rf.int8_linear_swiglu): the warp also reads the same R rows of a second matrix (Llama's up
+//     projection next to the gate) and stores silu(gate) * up from the two fp32 sums: one launch, one read
+//     of x, no (M, 2N) intermediate. Only the default version is instantiated with DUAL.
+//
+// int8_dequant<T, G>: w^T[n, k] = q[n, k] * scale, written as T into [N, ldq] (the prefill / large-batch path
+// feeds that fp16 matrix to cuBLAS: a first version before a dequantizing tensor-core GEMM).
+
+#include "common.cuh"
+
+namespace rf_int8 {
+
+constexpr int kChunk = 16;  // int8 weights per 16-byte load
+
+// Resident warps per SM the compiler must allow (launch bounds: registers <= 65536 / (32 * warps)). One token:
+// 32 warps (<= 64 registers), so that a 4096-row matrix's 4096 warps are all resident at once on 132 SMs (no
+// second wave), 24 (<= 85) for group scales of two rows (their scales do not fit 64 registers); more tokens:
+// 16 warps (<= 128). (Fewer registers and the compiler spills the unrolled loads and dequantized chunks.)
+constexpr int min_ctas(int warps_per_cta, int tokens, bool grouped, int rows) {
+  return (tokens == 1 ? (grouped && rows > 1 ? 24 : 32) : 16) / warps_per_cta;
+}
+
+// 16 bytes that are read once: no L1 allocation.
+__device__ __forceinline__ uint4 load_stream(const void* p) {
+  uint4 r;
+  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+      : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+      : "l"(p));
+  return r;
+}
+
+// The 16 int8 values of a chunk as exact floats (see the header: PRMT into 2^23's mantissa, one FADD).
+__device__ __forceinline__ void dequant16(const uint4& raw, float (&f)[kChunk]) {
+  const unsigned w[4] = {raw.x ^ 0x80808080u, raw.y ^ 0x80808080u, raw.z ^ 0x80808080u, raw.w ^ 0x80808080u};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+      f[4 * i + j] = __uint_as_float(__byte_perm(w[i], 0x4B000000u, 0x7540u + j)) - 8388736.0f;
+  }
+}
+
+// 16 consecutive x values as floats (p 16-byte aligned).
+__device__ __forceinline__ void load_x16(const __half* p, float (&f)[kChunk]) {
+  const uint4* v = reinterpret_cast<const uint4*>(p);
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const uint4 u = __ldg(v + i);
+    const unsigned w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const float2 t = __half22float2(*reinterpret_cast<const __half2*>(&w[j]));
+      f[8 * i + 2 * j] = t.x;
+      f[8 * i + 2 * j + 1] = t.y;
+    }
+  }
+}
+
+__device__ __forceinline__ void load_x16(const float* p, float (&f)[kChunk]) {
+  const float4* v = reinterpret_cast<const float4*>(p);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float4 t = __ldg(v + i);
+    f[4 * i] = t.x;
+    f[4 * i + 1] = t.y;
+    f[4 * i + 2] = t.z;
+    f[4 * i + 3] = t.w;
+  }
+}
+
+template <typename T> __device__ __forceinline__ void store16(T* p, const float (&f)[kChunk]);
+
+template <> __device__ __forceinline__ void store16<__half>(__half* p, const float (&f)[kChunk]) {
+  uint4* v = reinterpret_cast<uint4*>(p);
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    uint4 u;
+    u.x = rf::pack_half2(f[8 * i], f[8 * i + 1]);
+    u.y = rf::pack_half2(f[8 * i + 2], f[8 * i + 3]);
+    u.z = rf::pack_half2(f[8 * i + 4], f[8 * i + 5]);
+    u.w = rf::pack_half2(f[8 * i + 6], f[8 * i + 7]);
+    v[i] = u;
+  }
+}
+
+template <> __device__ __forceinline__ void store16<float>(float* p, const float (&f)[kChunk]) {
+  float4* v = reinterpret_cast<float4*>(p);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) v[i] = make_float4(f[4 * i], f[4 * i + 1], f[4 * i + 2], f[4 * i + 3]);
+}
+
+}  // namespace rf_int8
+
+// y[m, n] = sum_k x[m, k] q[n, k] s(n, k) (+ b[n]) for m < m_rows (<= M), n < N. See the header for the layout.
+// DUAL: a second matrix (q2, scales2, bias2: the up projection, same shape and grouping) read by the same
+// warp for the same rows (virtual rows R..2R-1), and y[m, n] = silu(gate) * up of the two float sums.
+// PDL: dependents are triggered at entry; the first step's weight loads (and every scale and bias, which no
+// kernel of a step writes) are issued before rf::pdl_wait(), x is read and y written only after it.
+template <typename T, int M, int G, int R, int U_, int W, bool DUAL>
+__global__ void __launch_bounds__(W * rf::kWarp, rf_int8::min_ctas(W, M, G > 0, DUAL ? 2 * R : R))
+    int8_gemv(const T* __restrict__ x, const signed char* __restrict__ q, const __half* __restrict__ scales,
+              const T* __restrict__ bias, const signed char* __restrict__ q2, const __half* __restrict__ scales2,
+              const T* __restrict__ bias2, T* __restrict__ y, int m_rows, int n_rows, int chunks, int ldx, int ldq,
+              int ngroups, int ldy) {
+  using namespace rf_int8;
+  constexpr int RR = DUAL ? 2 * R : R;  // rows of weights a warp reads: R of q, then (DUAL) the same R of q2
+  constexpr int U = DUAL && U_ > 1 ? U_ / 2 : U_;  // chunks per row and lane in flight: DUAL reads two rows
+  static_assert(M >= 1 && R * M <= rf::kWarp, "lane r * M + m stores y[m, row r]");
+  static_assert(G == 0 || G % kChunk == 0, "a group is a whole number of 16-byte chunks");
+  rf::pdl_launch_dependents();
+  const int lane = threadIdx.x % rf::kWarp;
+  const int row0 = (blockIdx.x * W + threadIdx.x / rf::kWarp) * R;
+  if (row0 >= n_rows) return;  // a whole warp past the end (only in the last CTA; the others wait)
+  const signed char* qrow[RR];
+  const __half* srow[RR];
+  int row[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) row[r] = min(row0 + r, n_rows - 1);
+#pragma unroll
+  for (int rr = 0; rr < RR; ++rr) {
+    const int r = rr % R;
+    qrow[rr] = (rr < R ? q : q2) + static_cast<size_t>(row[r]) * ldq;
+    srow[rr] = (rr < R ? scales : scales2) + static_cast<size_t>(row[r]) * (G > 0 ? ngroups : 1);
+  }
+  // per-channel scales and biases now, not after the loop: their latency would add to the kernel's tail
+  float chan_scale[RR], chan_bias[RR];
+#pragma unroll
+  for (int rr = 0; rr < RR; ++rr) {
+    const T* b = rr < R ? bias : bias2;
+    chan_scale[rr] = G == 0 ? __half2float(srow[rr][0]) : 1.f;
+    chan_bias[rr] = b != nullptr ? rf::to_acc(b[row[rr % R]]) : 0.f;
+  }
+  float acc[RR][M];
+#pragma unroll
+  for (int rr = 0; rr < RR; ++rr)
+#pragma unroll
+    for (int m = 0; m < M; ++m) acc[rr][m] = 0.f;
+
+  bool waited = false;
+  for (int c0 = lane; c0 < chunks; c0 += rf::kWarp * U) {
+    uint4 raw[U][RR];
+    __half2 s[(U + 1) / 2][RR];  // group scales (G > 0), two per register: U = 8 would not fit 64 otherwise
+#pragma unroll
+    for (int u = 0; u < U; ++u) {  // every weight load of the step before any use
+      const int c = c0 + u * rf::kWarp;
+#pragma unroll
+      for (int rr = 0; rr < RR; ++rr) {
+        raw[u][rr] = c < chunks ? load_stream(qrow[rr] + c * kChunk) : make_uint4(0, 0, 0, 0);
+        if constexpr (G > 0) {
+          const __half v = c < chunks ? srow[rr][(c * kChunk) / G] : __float2half(0.f);
+          if (u % 2 == 0) s[u / 2][rr] = __halves2half2(v, v);
+          else s[u / 2][rr] = __halves2half2(__low2half(s[u / 2][rr]), v);
+        }
+      }
+    }
+    if (!waited) {  // x is the previous kernel's output
+      rf::pdl_wait();
+      waited = true;
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int c = c0 + u * rf::kWarp;
+      if (c < chunks) {
+        float wf[RR][kChunk];
+#pragma unroll
+        for (int rr = 0; rr < RR; ++rr) dequant16(raw[u][rr], wf[rr]);
+#pragma unroll
+        for (int m = 0; m < M; ++m) {
+          if (M == 1 || m < m_rows) {
+            float xf[kChunk];
+            load_x16(x + static_cast<size_t>(m) * ldx + c * kChunk, xf);
+#pragma unroll
+            for (int rr = 0; rr < RR; ++rr) {
+              float t0 = 0.f, t1 = 0.f;  // two chains: half the FMA latency on the critical path
+#pragma unroll
+              for (int j = 0; j < kChunk; j += 2) {
+                t0 = fmaf(wf[rr][j], xf[j], t0);
+                t1 = fmaf(wf[rr][j + 1], xf[j + 1], t1);
+              }
+              if constexpr (G > 0) {
+                const __half2 sp = s[u / 2][rr];
+                acc[rr][m] = fmaf(__half2float(u % 2 == 0 ? __low2half(sp) : __high2half(sp)), t0 + t1, acc[rr][m]);
+              } else {
+                acc[rr][m] += t0 + t1;
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+  if (!waited) rf::pdl_wait();  // lanes past the last chunk (K < 16 * lane): before the first write
+  // Reduce every (row, token) sum across the warp; lane r * M + m then finishes and stores y[m, row r].
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      float v = fmaf(rf::warp_reduce(acc[r][m], rf::Sum{}), chan_scale[r], chan_bias[r]);
+      if constexpr (DUAL) {
+        const float up = fmaf(rf::warp_reduce(acc[R + r][m], rf::Sum{}), chan_scale[R + r], chan_bias[R + r]);
+        v = v / (1.f + __expf(-v)) * up;  // silu(gate) * up
+      }
+      if (lane == r * M + m && m < m_rows && row0 + r < n_rows)
+        y[static_cast<size_t>(m) * ldy + row0 + r] = rf::from_acc<T>(v);
+    }
+  }
+}
+
+// out[n, k] = q[n, k] * s(n, k) as T, for every 16-byte chunk of q [N, ldq] (out has the same layout).
+// PDL: the first chunk's q and scale are loaded before rf::pdl_wait(), nothing is written before it.
+template <typename T, int G>
+__global__ void __launch_bounds__(256)
+    int8_dequant(const signed char* __restrict__ q, const __half* __restrict__ scales, T* __restrict__ out, int n_rows,
+                 int chunks, int ldq, int ngroups) {
+  using namespace rf_int8;
+  rf::pdl_launch_dependents();
+  const long long total = static_cast<long long>(n_rows) * chunks;
+  bool waited = false;
+  for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += static_cast<long long>(gridDim.x) * blockDim.x) {
+    const int n = static_cast<int>(i / chunks), c = static_cast<int>(i % chunks);
+    const size_t offset = static_cast<size_t>(n) * ldq + static_cast<size_t>(c) * kChunk;
+    const uint4 raw = load_stream(q + offset);
+    const float s = __half2float(G > 0 ? scales[static_cast<size_t>(n) * ngroups + (c * kChunk) / (G > 0 ? G : 1)]
+                                       : scales[n]);
+    if (!waited) {  // out may be memory the previous kernel still reads (a pool block handed back)
+      rf::pdl_wait();
+      waited = true;
+    }
+    float f[kChunk];
+    dequant16(raw, f);
+#pragma unroll
+    for (int j = 0; j < kChunk; ++j) f[j] *= s;
+    store16<T>(out + offset, f);
+  }
+  if (!waited) rf::pdl_wait();
+}

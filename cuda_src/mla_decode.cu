@@ -1,0 +1,571 @@
+// mla_decode.cu: Multi-head Latent Attention decode over a paged latent cache, family "mla_decode".
+//
+// DeepSeek-V2's MLA with W_UK absorbed into the query: every query head attends ONE shared latent "head".
+// Per cached token p the key is [c_p ; k_r,p] (R + DR dims: latent and rope key) and the value is c_p.
+//
+// Memory layout (strides in elements; last dims contiguous; rows 16-byte aligned):
+//   q_absorbed  [num_seqs, q_len, heads, R]     strides qa_ss, qa_st, qa_sh
+//   q_rope      [num_seqs, q_len, heads, DR]    strides qr_ss, qr_st, qr_sh
+//   latent      [num_blocks, block_size, R]     strides l_sb, l_st   (LatentArena.latent(L): token stride
+//   rope        [num_blocks, block_size, DR]    strides r_sb, r_st    R + DR, the rope key right after)
+//   block_tables int32 [num_seqs, table_stride]; context_lens int32 [num_seqs] (q_len new tokens included)
+//   out         C-contiguous __half [num_seqs, q_len, heads, R]
+//   part_out    float [num_seqs, q_len, heads, num_splits, R]; part_lse float [..., num_splits] (base 2)
+//
+// Maths: query row (token t, head h) sits at position ctx - q_len + t and sees positions 0..that.
+// x_p = scale * log2(e) * (q_abs . c_p + q_rope . k_r,p); online max m / sum l in fp32; out = sum 2^(x_p - m)
+// c_p / l (0 for a row that sees nothing). Split-KV: split i covers [i * split_tokens, (i+1) * split_tokens)
+// and writes fp32 partials + lse = m + log2(l); mla_decode_combine merges them.
+//
+// Versions
+//   mla_decode_v1<R, DR, MT, WARPS, TK, STAGES>  tensor cores (mma.sync m16n8k16, fp16 in, fp32 accumulate),
+//       __half only. One CTA per (sequence, chunk of 16 * MT query rows, split); query rows are the q_len x
+//       heads (token, head) pairs, so ONE read of a latent tile serves every head (and every new token) of the
+//       chunk: the whole point of MLA decode. Per tile of TK tokens, STAGES = 2 cp.async double buffer of
+//       [c ; k_r] rows (R + DR halves + 16 bytes of padding: ldmatrix conflict-free):
+//         S = Q K^T: warp w owns m-tile w / (TK/16) and 16 tokens (two n8 blocks) of the tile; Q (staged
+//             once in shared memory) and K fragments by ldmatrix, (R + DR) / 16 k-steps;
+//         online softmax across warps: per-row tile maxima through shared memory (one barrier), the running
+//             max / rescale factor per row computed by one thread per row (second barrier), P = 2^(x - m)
+//             rounded to fp16 into shared memory and per-warp partial row sums (third barrier);
+//         O += P V with V = the latent part of the same tile (ldmatrix.trans): warp w owns output columns
+//             [w R / WARPS, (w+1) R / WARPS) of all 16 * MT rows (fp32 accumulators in registers);
+//         a fourth barrier frees the stage and P.
+//       Configurations the launcher uses: <512, 64, 1, 4, 64> (16 rows, 4 warps, 64-token tiles of 72 KB:
+//       few heads, memory-bound: the latent stream is read once per 16 rows) and <512, 64, 4, 8, 32> (64 rows,
+//       8 warps, 32-token tiles: every tile feeds 4 m-tiles of MMAs: the compute-bound case of 128 heads).
+//       Expected limits (not yet measured): 16 rows read 72 KB of latent per 64-token tile and do 2.4 MFLOP
+//       on it: memory-bound, one 171 KB CTA of 4 warps per SM with the next tile in flight. 64 rows: every
+//       S k-step reloads Q's A fragment and K's B fragment from shared memory (ldmatrix; Q does not fit in
+//       registers beside the 128 fp32 accumulators of O), about 360 KB of shared-memory reads per 4.5 MFLOP
+//       tile: shared-memory bandwidth caps it near 370 TFLOP/s on an H100 before barriers and latency.
+//   mla_decode_combine<R, THREADS>  one CTA per (seq, token, head) row: merges the splits' partials.
+// Kernel arguments (v1):
+//   (q_absorbed, q_rope, latent, rope, block_tables, context_lens, out, part_out, part_lse,
+//    q_len, heads, log2_block, table_stride, split_tokens, num_splits,
+//    qa_ss, qa_st, qa_sh, qr_ss, qr_st, qr_sh, l_sb, l_st, r_sb, r_st, scale_log2)
+#include "common.cuh"
+
+namespace rf {
+
+// -inf without <math.h>'s INFINITY (NVRTC compiles without host headers)
+__device__ __forceinline__ float mla_neg_inf() { return __int_as_float(0xff800000); }
+
+template <int R, int DR, int MT, int WARPS, int TK, int STAGES> struct MlaShape {
+  static constexpr int KD = R + DR;       // key dims: latent | rope key
+  static constexpr int PITCH = KD + 8;    // halves per shared row (16 bytes of padding)
+  static constexpr int ROWS = 16 * MT;    // query rows per CTA
+  static constexpr int PP = TK + 8;       // halves per P row
+  static constexpr int NP = TK / 16;      // 16-token slices of a tile (one per warp and m-tile)
+  static constexpr int CW = R / WARPS;    // output columns per warp
+  static constexpr int ONB = CW / 8;      // n8 blocks of output per warp
+  static constexpr int THREADS = 32 * WARPS;
+  static constexpr int CHUNKS = KD / 8;   // 16-byte chunks per row
+  static constexpr int LCH = R / 8;       // ... of which latent
+  static_assert(R % 16 == 0 && DR % 16 == 0, "R and DR: multiples of 16");
+  static_assert(WARPS == MT * NP, "one warp per (m-tile, 16-token slice)");
+  static_assert(CW % 16 == 0, "output columns per warp: a multiple of 16");
+  static_assert(STAGES >= 2 && STAGES <= 6, "2 to 6 cp.async stages");
+};
+
+}  // namespace rf
+
+template <int R, int DR, int MT, int WARPS, int TK, int STAGES>
+__global__ void __launch_bounds__(32 * WARPS) mla_decode_v1(
+    const __half* __restrict__ qa, const __half* __restrict__ qr, const __half* __restrict__ lat,
+    const __half* __restrict__ rope, const int* __restrict__ tables, const int* __restrict__ ctx_lens,
+    __half* __restrict__ out, float* __restrict__ part_out, float* __restrict__ part_lse, int q_len,
+    int heads, int log2_block, int table_stride, int split_tokens, int num_splits, long long qa_ss,
+    long long qa_st, long long qa_sh, long long qr_ss, long long qr_st, long long qr_sh, long long l_sb,
+    long long l_st, long long r_sb, long long r_st, float scale_log2) {
+  using S = rf::MlaShape<R, DR, MT, WARPS, TK, STAGES>;
+  static_assert(STAGES == 2, "v1: double buffer");
+  const float NEG_INF = rf::mla_neg_inf();
+  constexpr int ROWS = S::ROWS, PITCH = S::PITCH, PP = S::PP, NP = S::NP, KD = S::KD;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  __half* q_s = reinterpret_cast<__half*>(smem_raw);  // [ROWS][PITCH]
+  __half* k_s = q_s + ROWS * PITCH;                    // [STAGES][TK][PITCH]
+  __half* p_s = k_s + STAGES * TK * PITCH;             // [ROWS][PP]
+  float* red_max = reinterpret_cast<float*>(p_s + ROWS * PP);  // [NP][ROWS]
+  float* red_sum = red_max + NP * ROWS;                        // [NP][ROWS]
+  float* m_run = red_sum + NP * ROWS;                          // [ROWS] running max (base 2)
+  float* l_run = m_run + ROWS;                                 // [ROWS] running sum
+  float* alpha_s = l_run + ROWS;                               // [ROWS] this tile's rescale factor
+
+  const int rows_total = q_len * heads;
+  const int chunks = (rows_total + ROWS - 1) / ROWS;
+  const int seq = blockIdx.x / chunks, chunk = blockIdx.x % chunks, split = blockIdx.y;
+  const int tid = threadIdx.x, warp = tid / rf::kWarp, lane = tid % rf::kWarp;
+  const int g = lane / 4, cq = lane % 4;
+  const int row0 = chunk * ROWS;
+  const int ctx = ctx_lens[seq];
+  const int begin = split * split_tokens;
+  const int end = min(ctx, begin + split_tokens);
+  const int num_tiles = end > begin ? (end - begin + TK - 1) / TK : 0;
+  const int* table = tables + static_cast<long long>(seq) * table_stride;
+  const int block_mask = (1 << log2_block) - 1;
+
+  // Q of the chunk's rows -> shared (zero rows past rows_total), committed with the first tile
+  for (int i = tid; i < ROWS * S::CHUNKS; i += S::THREADS) {
+    const int rr = i / S::CHUNKS, c = i % S::CHUNKS, gr = row0 + rr;
+    const bool ok = gr < rows_total;
+    const int t = ok ? gr / heads : 0, h = ok ? gr % heads : 0;
+    const __half* src = c < S::LCH ? qa + seq * qa_ss + t * qa_st + h * qa_sh + c * 8
+                                   : qr + seq * qr_ss + t * qr_st + h * qr_sh + (c - S::LCH) * 8;
+    rf::cp_async_16(q_s + rr * PITCH + c * 8, ok ? src : qa, ok);
+  }
+  if (tid < ROWS) {
+    m_run[tid] = NEG_INF;
+    l_run[tid] = 0.f;
+  }
+  auto load_tile = [&](int tile, int stage) {
+    const int p0 = begin + tile * TK;
+    __half* dst = k_s + stage * TK * PITCH;
+    for (int i = tid; i < TK * S::CHUNKS; i += S::THREADS) {
+      const int j = i / S::CHUNKS, c = i % S::CHUNKS, p = p0 + j;
+      const bool ok = p < end;
+      const __half* src = lat;
+      if (ok) {
+        const long long blk = table[p >> log2_block];
+        const int off = p & block_mask;
+        src = c < S::LCH ? lat + blk * l_sb + off * l_st + c * 8 : rope + blk * r_sb + off * r_st + (c - S::LCH) * 8;
+      }
+      rf::cp_async_16(dst + j * PITCH + c * 8, src, ok);  // past the range: zero-filled, nothing read
+    }
+  };
+
+  float o[MT][S::ONB][4];
+#pragma unroll
+  for (int mm = 0; mm < MT; ++mm)
+#pragma unroll
+    for (int nb = 0; nb < S::ONB; ++nb) o[mm][nb][0] = o[mm][nb][1] = o[mm][nb][2] = o[mm][nb][3] = 0.f;
+
+  const int my_m = warp / NP, tok0 = (warp % NP) * 16;  // this warp's S slice
+  if (num_tiles > 0) load_tile(0, 0);
+  rf::cp_async_commit();
+  for (int it = 0; it < num_tiles; ++it) {
+    if (it + 1 < num_tiles) load_tile(it + 1, (it + 1) % STAGES);
+    rf::cp_async_commit();
+    rf::cp_async_wait<1>();
+    __syncthreads();
+    const __half* kt = k_s + (it % STAGES) * TK * PITCH;
+    const int p0 = begin + it * TK;
+
+    // ---- S = Q K^T for (my_m, tokens tok0 .. tok0 + 15) ----
+    float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+    const __half* qrow = q_s + (my_m * 16 + lane % 16) * PITCH + (lane / 16) * 8;
+    const __half* krow = kt + (tok0 + lane % 8 + (lane / 16) * 8) * PITCH + ((lane / 8) % 2) * 8;
+#pragma unroll 4
+    for (int kk = 0; kk < KD; kk += 16) {
+      unsigned a[4], b[4];
+      rf::ldmatrix_x4(a, qrow + kk);
+      rf::ldmatrix_x4(b, krow + kk);
+      rf::mma_m16n8k16(s[0], a, b[0], b[1]);
+      rf::mma_m16n8k16(s[1], a, b[2], b[3]);
+    }
+    // scale, mask (past the range / causal among the new tokens), per-row max of the slice
+    float mx[2] = {NEG_INF, NEG_INF};
+#pragma unroll
+    for (int nb = 0; nb < 2; ++nb)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int p = p0 + tok0 + nb * 8 + 2 * cq + (e & 1);
+        const int gr = row0 + my_m * 16 + g + (e >> 1) * 8;
+        const int last = ctx - q_len + gr / heads;
+        const bool vis = p < end && p <= last;
+        s[nb][e] = vis ? s[nb][e] * scale_log2 : NEG_INF;
+        mx[e >> 1] = fmaxf(mx[e >> 1], s[nb][e]);
+      }
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
+      mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
+    }
+    const int slice = warp % NP;
+    if (cq == 0) {
+      red_max[slice * ROWS + my_m * 16 + g] = mx[0];
+      red_max[slice * ROWS + my_m * 16 + g + 8] = mx[1];
+    }
+    __syncthreads();  // (A) tile maxima visible
+    if (tid < ROWS) {
+      float mt = red_max[tid];
+#pragma unroll
+      for (int j = 1; j < NP; ++j) mt = fmaxf(mt, red_max[j * ROWS + tid]);
+      const float mo = m_run[tid], mn = fmaxf(mo, mt);
+      alpha_s[tid] = mn == NEG_INF ? 1.f : exp2f(mo - mn);
+      m_run[tid] = mn;
+    }
+    __syncthreads();  // (B) new maxima and rescale factors visible
+    const float mrow[2] = {m_run[my_m * 16 + g], m_run[my_m * 16 + g + 8]};
+    float sum[2] = {0.f, 0.f};
+#pragma unroll
+    for (int nb = 0; nb < 2; ++nb)
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr) {
+        const float x0 = s[nb][2 * hr], x1 = s[nb][2 * hr + 1];
+        const float e0 = x0 == NEG_INF ? 0.f : exp2f(x0 - mrow[hr]);
+        const float e1 = x1 == NEG_INF ? 0.f : exp2f(x1 - mrow[hr]);
+        sum[hr] += e0 + e1;
+        const int row = my_m * 16 + g + hr * 8, col = tok0 + nb * 8 + 2 * cq;
+        *reinterpret_cast<unsigned*>(p_s + row * PP + col) = rf::pack_half2(e0, e1);
+      }
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      sum[i] += __shfl_xor_sync(0xffffffffu, sum[i], 1);
+      sum[i] += __shfl_xor_sync(0xffffffffu, sum[i], 2);
+    }
+    if (cq == 0) {
+      red_sum[slice * ROWS + my_m * 16 + g] = sum[0];
+      red_sum[slice * ROWS + my_m * 16 + g + 8] = sum[1];
+    }
+    __syncthreads();  // (C) P and the partial sums visible
+    if (tid < ROWS) {
+      float t = 0.f;
+#pragma unroll
+      for (int j = 0; j < NP; ++j) t += red_sum[j * ROWS + tid];
+      l_run[tid] = l_run[tid] * alpha_s[tid] + t;
+    }
+    // ---- O = alpha O + P V over this warp's output columns ----
+#pragma unroll
+    for (int mm = 0; mm < MT; ++mm) {
+      const float a0 = alpha_s[mm * 16 + g], a1 = alpha_s[mm * 16 + g + 8];
+#pragma unroll
+      for (int nb = 0; nb < S::ONB; ++nb) {
+        o[mm][nb][0] *= a0;
+        o[mm][nb][1] *= a0;
+        o[mm][nb][2] *= a1;
+        o[mm][nb][3] *= a1;
+      }
+    }
+    const __half* vrow = kt + (lane % 8 + ((lane / 8) % 2) * 8) * PITCH + warp * S::CW + (lane / 16) * 8;
+#pragma unroll
+    for (int kk = 0; kk < TK; kk += 16) {
+      unsigned pa[MT][4];
+#pragma unroll
+      for (int mm = 0; mm < MT; ++mm) rf::ldmatrix_x4(pa[mm], p_s + (mm * 16 + lane % 16) * PP + kk + (lane / 16) * 8);
+#pragma unroll
+      for (int nb = 0; nb < S::ONB; nb += 2) {
+        unsigned b[4];
+        rf::ldmatrix_x4_trans(b, vrow + kk * PITCH + nb * 8);
+#pragma unroll
+        for (int mm = 0; mm < MT; ++mm) {
+          rf::mma_m16n8k16(o[mm][nb], pa[mm], b[0], b[1]);
+          rf::mma_m16n8k16(o[mm][nb + 1], pa[mm], b[2], b[3]);
+        }
+      }
+    }
+    __syncthreads();  // (D) the stage and P may be overwritten
+  }
+  rf::cp_async_wait<0>();
+  __syncthreads();  // l_run / m_run final (also when there was no tile)
+
+  // ---- epilogue: this warp's columns of every valid row ----
+#pragma unroll
+  for (int mm = 0; mm < MT; ++mm)
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+      const int rloc = mm * 16 + g + hr * 8, gr = row0 + rloc;
+      if (gr >= rows_total) continue;
+      const float l = l_run[rloc];
+      const float inv = l > 0.f ? 1.f / l : 0.f;
+      const long long orow = static_cast<long long>(seq) * rows_total + gr;  // (seq, t, h) flattened
+#pragma unroll
+      for (int nb = 0; nb < S::ONB; ++nb) {
+        const int col = warp * S::CW + nb * 8 + 2 * cq;
+        const float v0 = o[mm][nb][2 * hr] * inv, v1 = o[mm][nb][2 * hr + 1] * inv;
+        if (num_splits == 1) {
+          *reinterpret_cast<unsigned*>(out + orow * R + col) = rf::pack_half2(v0, v1);
+        } else {
+          *reinterpret_cast<float2*>(part_out + (orow * num_splits + split) * R + col) = make_float2(v0, v1);
+        }
+      }
+    }
+  if (num_splits > 1 && tid < ROWS && row0 + tid < rows_total) {
+    const long long orow = static_cast<long long>(seq) * rows_total + row0 + tid;
+    const float l = l_run[tid];
+    part_lse[orow * num_splits + split] = l > 0.f ? m_run[tid] + log2f(l) : NEG_INF;
+  }
+}
+
+// mla_decode_v2: v1's split of the work (S = Q K^T once per tile, shared through P in shared memory; each warp
+// owns R / WARPS output columns of every row) with a shorter critical path per tile:
+//   * STAGES-deep cp.async ring (tile it + STAGES - 1 is issued while tile it is computed);
+//   * 3 barriers per tile instead of 5: the barrier after the wait also frees the stage and P of the tile
+//     before (the next load is issued after it), and every thread derives the new row maxima and rescale
+//     factors it needs from the per-slice maxima itself (running maxima double-buffered by tile parity);
+//   * the loader gives each warp whole token rows: one block-table read per warp and tile (a lane per row,
+//     broadcast by shuffle), latent chunks two per lane, rope chunks on lanes 0..DR/8-1: no division per copy;
+//   * S = Q K^T with two accumulator sets over alternate k-steps: two independent MMA chains per n8 block;
+//   * programmatic dependent launch (rf::pdl_wait before the first read).
+template <int R, int DR, int MT, int WARPS, int TK, int STAGES>
+__global__ void __launch_bounds__(32 * WARPS) mla_decode_v2(
+    const __half* __restrict__ qa, const __half* __restrict__ qr, const __half* __restrict__ lat,
+    const __half* __restrict__ rope, const int* __restrict__ tables, const int* __restrict__ ctx_lens,
+    __half* __restrict__ out, float* __restrict__ part_out, float* __restrict__ part_lse, int q_len,
+    int heads, int log2_block, int table_stride, int split_tokens, int num_splits, long long qa_ss,
+    long long qa_st, long long qa_sh, long long qr_ss, long long qr_st, long long qr_sh, long long l_sb,
+    long long l_st, long long r_sb, long long r_st, float scale_log2) {
+  using S = rf::MlaShape<R, DR, MT, WARPS, TK, STAGES>;
+  constexpr int ROWS = S::ROWS, PITCH = S::PITCH, PP = S::PP, NP = S::NP, KD = S::KD;
+  constexpr int RPW = TK / WARPS;  // tile rows each warp loads
+  constexpr int RCH = DR / 8;      // 16-byte chunks of a rope row
+  static_assert(TK % WARPS == 0 && RPW <= 32, "loader: whole rows per warp, one table read per lane");
+  static_assert(S::LCH % 32 == 0 && RCH <= 32, "loader: latent chunks a multiple of 32, rope <= 32");
+  static_assert(KD % 32 == 0, "S: k-steps in pairs");
+  rf::pdl_launch_dependents();
+  rf::pdl_wait();  // q, the cache and the tables may come from the kernels before (launched with pdl=True)
+  const float NEG_INF = rf::mla_neg_inf();
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  __half* q_s = reinterpret_cast<__half*>(smem_raw);  // [ROWS][PITCH]
+  __half* k_s = q_s + ROWS * PITCH;                    // [STAGES][TK][PITCH]
+  __half* p_s = k_s + STAGES * TK * PITCH;             // [ROWS][PP]
+  float* red_max = reinterpret_cast<float*>(p_s + ROWS * PP);  // [NP][ROWS] per-slice tile maxima
+  float* red_sum = red_max + NP * ROWS;                        // [NP][ROWS] per-slice sums of P
+  float* m_buf = red_sum + NP * ROWS;                          // [2][ROWS] running max before tile it: it % 2
+  float* l_run = m_buf + 2 * ROWS;                             // [ROWS] running sum
+
+  const int rows_total = q_len * heads;
+  const int chunks = (rows_total + ROWS - 1) / ROWS;
+  const int seq = blockIdx.x / chunks, chunk = blockIdx.x % chunks, split = blockIdx.y;
+  const int tid = threadIdx.x, warp = tid / rf::kWarp, lane = tid % rf::kWarp;
+  const int g = lane / 4, cq = lane % 4;
+  const int row0 = chunk * ROWS;
+  const int ctx = ctx_lens[seq];
+  const int begin = split * split_tokens;
+  const int end = min(ctx, begin + split_tokens);
+  const int num_tiles = end > begin ? (end - begin + TK - 1) / TK : 0;
+  const int* table = tables + static_cast<long long>(seq) * table_stride;
+  const int block_mask = (1 << log2_block) - 1;
+
+  for (int i = tid; i < ROWS * S::CHUNKS; i += S::THREADS) {  // Q -> shared, in the first tile's group
+    const int rr = i / S::CHUNKS, c = i % S::CHUNKS, gr = row0 + rr;
+    const bool ok = gr < rows_total;
+    const int t = ok ? gr / heads : 0, h = ok ? gr % heads : 0;
+    const __half* src = c < S::LCH ? qa + seq * qa_ss + t * qa_st + h * qa_sh + c * 8
+                                   : qr + seq * qr_ss + t * qr_st + h * qr_sh + (c - S::LCH) * 8;
+    rf::cp_async_16(q_s + rr * PITCH + c * 8, ok ? src : qa, ok);
+  }
+  if (tid < ROWS) {
+    m_buf[tid] = NEG_INF;
+    l_run[tid] = 0.f;
+  }
+  // rows warp, warp + WARPS, ... of the tile: lane i reads the block id of the warp's i-th row
+  auto load_tile = [&](int tile, int stage) {
+    const int p0 = begin + tile * TK;
+    const int pl = p0 + warp + lane * WARPS;
+    const int my_blk = lane < RPW && pl < end ? table[pl >> log2_block] : 0;
+    __half* dst = k_s + stage * TK * PITCH;
+#pragma unroll
+    for (int i = 0; i < RPW; ++i) {
+      const int j = warp + i * WARPS, p = p0 + j;
+      const bool ok = p < end;  // past the range: zero-filled, nothing read
+      const long long blk = __shfl_sync(0xffffffffu, my_blk, i);
+      const int off = p & block_mask;
+      const __half* ls = lat + (blk * l_sb + off * l_st);
+      __half* d = dst + j * PITCH;
+#pragma unroll
+      for (int k = 0; k < S::LCH / 32; ++k) {
+        const int c = lane + 32 * k;
+        rf::cp_async_16(d + c * 8, ok ? ls + c * 8 : lat, ok);
+      }
+      if (lane < RCH) rf::cp_async_16(d + R + lane * 8, ok ? rope + (blk * r_sb + off * r_st) + lane * 8 : rope, ok);
+    }
+  };
+
+  float o[MT][S::ONB][4];
+#pragma unroll
+  for (int mm = 0; mm < MT; ++mm)
+#pragma unroll
+    for (int nb = 0; nb < S::ONB; ++nb) o[mm][nb][0] = o[mm][nb][1] = o[mm][nb][2] = o[mm][nb][3] = 0.f;
+
+  const int my_m = warp / NP, slice = warp % NP, tok0 = slice * 16;  // this warp's S block
+  int last[2];  // last visible position of this thread's two S rows (rows past rows_total: anything)
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) last[hr] = ctx - q_len + (row0 + my_m * 16 + g + hr * 8) / heads;
+#pragma unroll
+  for (int st = 0; st < STAGES - 1; ++st) {
+    if (st < num_tiles) load_tile(st, st);
+    rf::cp_async_commit();
+  }
+  for (int it = 0; it < num_tiles; ++it) {
+    rf::cp_async_wait<STAGES - 2>();  // this thread's copies of tile it have landed
+    __syncthreads();  // (W) tile it visible; every warp is done with tile it - 1 (its stage, P, reductions)
+    {
+      const int nt = it + STAGES - 1;  // into the stage of tile it - 1
+      if (nt < num_tiles) load_tile(nt, nt % STAGES);
+      rf::cp_async_commit();
+    }
+    const __half* kt = k_s + (it % STAGES) * TK * PITCH;
+    const int p0 = begin + it * TK;
+    const float* m_old = m_buf + (it & 1) * ROWS;
+    float* m_new = m_buf + ((it + 1) & 1) * ROWS;
+
+    // ---- S = Q K^T for rows my_m * 16 .. + 15, tokens tok0 .. tok0 + 15 ----
+    float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+    float s2[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+    const __half* qrow = q_s + (my_m * 16 + lane % 16) * PITCH + (lane / 16) * 8;
+    const __half* krow = kt + (tok0 + lane % 8 + (lane / 16) * 8) * PITCH + ((lane / 8) % 2) * 8;
+#pragma unroll 3
+    for (int kk = 0; kk < KD; kk += 32) {
+      unsigned a[4], b[4], a2[4], b2[4];
+      rf::ldmatrix_x4(a, qrow + kk);
+      rf::ldmatrix_x4(b, krow + kk);
+      rf::ldmatrix_x4(a2, qrow + kk + 16);
+      rf::ldmatrix_x4(b2, krow + kk + 16);
+      rf::mma_m16n8k16(s[0], a, b[0], b[1]);
+      rf::mma_m16n8k16(s[1], a, b[2], b[3]);
+      rf::mma_m16n8k16(s2[0], a2, b2[0], b2[1]);
+      rf::mma_m16n8k16(s2[1], a2, b2[2], b2[3]);
+    }
+    float mx[2] = {NEG_INF, NEG_INF};
+#pragma unroll
+    for (int nb = 0; nb < 2; ++nb)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int p = p0 + tok0 + nb * 8 + 2 * cq + (e & 1);
+        const bool vis = p < end && p <= last[e >> 1];
+        s[nb][e] = vis ? (s[nb][e] + s2[nb][e]) * scale_log2 : NEG_INF;
+        mx[e >> 1] = fmaxf(mx[e >> 1], s[nb][e]);
+      }
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
+      mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
+    }
+    if (cq == 0) {
+      red_max[slice * ROWS + my_m * 16 + g] = mx[0];
+      red_max[slice * ROWS + my_m * 16 + g + 8] = mx[1];
+    }
+    __syncthreads();  // (A) the slices' maxima visible
+    // the running max after this tile, the same arithmetic in every thread that needs it
+    auto max_after = [&](int row) {
+      float mt = m_old[row];
+#pragma unroll
+      for (int j = 0; j < NP; ++j) mt = fmaxf(mt, red_max[j * ROWS + row]);
+      return mt;
+    };
+    auto rescale = [&](int row) {  // 2^(m_old - m_new): 1 while the row has seen nothing
+      const float mn = max_after(row);
+      return mn == NEG_INF ? 1.f : exp2f(m_old[row] - mn);
+    };
+    const float mrow[2] = {max_after(my_m * 16 + g), max_after(my_m * 16 + g + 8)};
+    float sum[2] = {0.f, 0.f};
+#pragma unroll
+    for (int nb = 0; nb < 2; ++nb)
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr) {
+        const float x0 = s[nb][2 * hr], x1 = s[nb][2 * hr + 1];
+        const float e0 = x0 == NEG_INF ? 0.f : exp2f(x0 - mrow[hr]);
+        const float e1 = x1 == NEG_INF ? 0.f : exp2f(x1 - mrow[hr]);
+        sum[hr] += e0 + e1;
+        const int row = my_m * 16 + g + hr * 8, col = tok0 + nb * 8 + 2 * cq;
+        *reinterpret_cast<unsigned*>(p_s + row * PP + col) = rf::pack_half2(e0, e1);
+      }
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      sum[i] += __shfl_xor_sync(0xffffffffu, sum[i], 1);
+      sum[i] += __shfl_xor_sync(0xffffffffu, sum[i], 2);
+    }
+    if (cq == 0) {
+      red_sum[slice * ROWS + my_m * 16 + g] = sum[0];
+      red_sum[slice * ROWS + my_m * 16 + g + 8] = sum[1];
+    }
+    if (tid < ROWS) m_new[tid] = max_after(tid);  // read as m_old by tile it + 1, after its barrier (W)
+    __syncthreads();  // (C) P and the slices' sums visible
+    if (tid < ROWS) {
+      float t = 0.f;
+#pragma unroll
+      for (int j = 0; j < NP; ++j) t += red_sum[j * ROWS + tid];
+      l_run[tid] = l_run[tid] * rescale(tid) + t;
+    }
+    // ---- O = alpha O + P V over this warp's output columns (V: the latent part of the same tile) ----
+#pragma unroll
+    for (int mm = 0; mm < MT; ++mm) {
+      const float a0 = rescale(mm * 16 + g), a1 = rescale(mm * 16 + g + 8);
+#pragma unroll
+      for (int nb = 0; nb < S::ONB; ++nb) {
+        o[mm][nb][0] *= a0;
+        o[mm][nb][1] *= a0;
+        o[mm][nb][2] *= a1;
+        o[mm][nb][3] *= a1;
+      }
+    }
+    const __half* vrow = kt + (lane % 8 + ((lane / 8) % 2) * 8) * PITCH + warp * S::CW + (lane / 16) * 8;
+#pragma unroll
+    for (int kk = 0; kk < TK; kk += 16) {
+      unsigned pa[MT][4];
+#pragma unroll
+      for (int mm = 0; mm < MT; ++mm) rf::ldmatrix_x4(pa[mm], p_s + (mm * 16 + lane % 16) * PP + kk + (lane / 16) * 8);
+#pragma unroll
+      for (int nb = 0; nb < S::ONB; nb += 2) {
+        unsigned b[4];
+        rf::ldmatrix_x4_trans(b, vrow + kk * PITCH + nb * 8);
+#pragma unroll
+        for (int mm = 0; mm < MT; ++mm) {
+          rf::mma_m16n8k16(o[mm][nb], pa[mm], b[0], b[1]);
+          rf::mma_m16n8k16(o[mm][nb + 1], pa[mm], b[2], b[3]);
+        }
+      }
+    }
+  }
+  rf::cp_async_wait<0>();
+  __syncthreads();  // l_run and the final maxima visible (also when there was no tile)
+  const float* m_fin = m_buf + (num_tiles & 1) * ROWS;
+
+  // ---- epilogue: this warp's columns of every valid row ----
+#pragma unroll
+  for (int mm = 0; mm < MT; ++mm)
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+      const int rloc = mm * 16 + g + hr * 8, gr = row0 + rloc;
+      if (gr >= rows_total) continue;
+      const float l = l_run[rloc];
+      const float inv = l > 0.f ? 1.f / l : 0.f;
+      const long long orow = static_cast<long long>(seq) * rows_total + gr;  // (seq, t, h) flattened
+#pragma unroll
+      for (int nb = 0; nb < S::ONB; ++nb) {
+        const int col = warp * S::CW + nb * 8 + 2 * cq;
+        const float v0 = o[mm][nb][2 * hr] * inv, v1 = o[mm][nb][2 * hr + 1] * inv;
+        if (num_splits == 1) {
+          *reinterpret_cast<unsigned*>(out + orow * R + col) = rf::pack_half2(v0, v1);
+        } else {
+          *reinterpret_cast<float2*>(part_out + (orow * num_splits + split) * R + col) = make_float2(v0, v1);
+        }
+      }
+    }
+  if (num_splits > 1 && tid < ROWS && row0 + tid < rows_total) {
+    const long long orow = static_cast<long long>(seq) * rows_total + row0 + tid;
+    const float l = l_run[tid];
+    part_lse[orow * num_splits + split] = l > 0.f ? m_fin[tid] + log2f(l) : NEG_INF;
+  }
+}
+
+// One CTA per (seq, token, head) row: out = sum_i 2^(lse_i - L) out_i / sum_i 2^(lse_i - L), L = max lse_i.
+template <int R, int THREADS>
+__global__ void __launch_bounds__(THREADS) mla_decode_combine(const float* __restrict__ part_out,
+                                                              const float* __restrict__ part_lse,
+                                                              __half* __restrict__ out, int num_splits) {
+  rf::pdl_launch_dependents();
+  rf::pdl_wait();  // the partials come from the kernel before (launched with pdl=True)
+  extern __shared__ float w_s[];  // [num_splits]
+  const float NEG_INF = rf::mla_neg_inf();
+  __shared__ float scratch[THREADS / rf::kWarp];
+  const long long row = blockIdx.x;
+  const float* lse = part_lse + row * num_splits;
+  float mx = NEG_INF;
+  for (int i = threadIdx.x; i < num_splits; i += THREADS) mx = fmaxf(mx, lse[i]);
+  mx = rf::block_reduce<THREADS>(mx, rf::Max{}, scratch);
+  float sum = 0.f;
+  for (int i = threadIdx.x; i < num_splits; i += THREADS) {
+    const float w = lse[i] == NEG_INF ? 0.f : exp2f(lse[i] - mx);
+    w_s[i] = w;
+    sum += w;
+  }
+  sum = rf::block_reduce<THREADS>(sum, rf::Sum{}, scratch);  // ends with a barrier: w_s visible
+  const float inv = sum > 0.f ? 1.f / sum : 0.f;
+  for (int c = threadIdx.x; c < R; c += THREADS) {
+    float acc = 0.f;
+    for (int i = 0; i < num_splits; ++i) acc += w_s[i] * part_out[(row * num_splits + i) * R + c];
+    out[row * R + c] = __float2half_rn(acc * inv);
+  }
+}
