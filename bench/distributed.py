@@ -315,7 +315,7 @@ def gpt_units(model: Any, seq: int) -> tuple[list[Any], list[int]]:
     from rawformer import autograd as ag
 
     cfg, p, xp = model.config, model.parameters(), model.xp
-    nh, hd, h, eps = cfg.n_head, cfg.head_dim, cfg.n_embd, cfg.layer_norm_epsilon
+    h, eps = cfg.n_embd, cfg.layer_norm_epsilon
     positions = xp.arange(seq, dtype=np.int64)
     head_w = ag.Tensor(p["wte.weight"].data.copy(), requires_grad=True, name="head.weight")
 
@@ -325,22 +325,7 @@ def gpt_units(model: Any, seq: int) -> tuple[list[Any], list[int]]:
         )  # (B, T, H)
 
     def block(i: int) -> Any:
-        pre = f"h.{i}."
-
-        def run(x: Any) -> Any:  # the body of GPT.forward's loop
-            b, t = x.shape[0], x.shape[1]
-            a = ag.layer_norm(x, p[pre + "ln_1.weight"], p[pre + "ln_1.bias"], eps)
-            qkv = ag.linear(a, p[pre + "attn.c_attn.weight"], p[pre + "attn.c_attn.bias"])  # (B, T, 3H)
-            q, k, v = (ag.reshape(z, (b, t, nh, hd)) for z in ag.split(qkv, 3, axis=-1))  # (B, T, nh, hd)
-            a = ag.reshape(ag.attention(q, k, v, causal=True), (b, t, h))
-            x = ag.add(x, ag.linear(a, p[pre + "attn.c_proj.weight"], p[pre + "attn.c_proj.bias"]))
-            a = ag.layer_norm(x, p[pre + "ln_2.weight"], p[pre + "ln_2.bias"], eps)
-            m = ag.gelu(
-                ag.linear(a, p[pre + "mlp.c_fc.weight"]), p[pre + "mlp.c_fc.bias"], cfg.gelu_approximate
-            )
-            return ag.add(x, ag.linear(m, p[pre + "mlp.c_proj.weight"], p[pre + "mlp.c_proj.bias"]))
-
-        return run
+        return lambda x: model.block(i, x)
 
     def head(x: Any) -> Any:
         b, t = x.shape[0], x.shape[1]

@@ -126,13 +126,15 @@ def decode_throughput(cp: Any, kind: str, cfg: Any, budget: int, context: int, s
 
 
 def kernel_variants(which: str) -> list[tuple[str, dict[str, Any]]]:
-    """("default", {}) (what rf.mla_decode picks) and, with which="all", v1 and every v2 tile config."""
+    """("default", {}) (what rf.mla_decode picks) and, with which="all", v1, every v2 tile config and the
+    default kernel with forced split counts."""
     from rawformer.ops import mla as mla_op
 
     out: list[tuple[str, dict[str, Any]]] = [("default", {})]
     if which == "all":
         out.append(("v1", {"version": 1}))
         out += [(f"v2 {c}", {"version": 2, "tile_config": c}) for c in mla_op.V2_CONFIGS]
+        out += [(f"default, {n} split(s)", {"num_splits": n}) for n in (1, 4)]
     return out
 
 

@@ -8,7 +8,11 @@ Kernel level, per (K, N) of CONFIGS (a linear layer x (M, K) @ W (K, N), fp16 ac
 - rawformer: rf.int8_linear, per-output-channel scales, the default GEMV version; v1 / v2 / v3: each
   version; g128: group-wise scales (group 128), default version;
 - cublas_fp16: cupy.matmul(x, W) with the fp16 W (what cuBLAS does for a GEMV of this shape);
-- rf_fp16: rawformer's own fp16 GEMV (rf.linear, rawformer/ops/linear.py) when it exists.
+- rf_fp16: rawformer's own fp16 GEMV (rf.linear, rawformer/ops/linear.py) when it exists, on the models'
+  layout (nn.Linear's (N, K) contiguous, passed transposed: its gemv_nk kernel);
+- chain / rf_fp16_chain (batch 1, not judged): rawformer / rf_fp16 called once on each rotation set, all
+  captured in one CUDA graph (PDL between the launches, as in a decode step's graph): what a projection
+  costs inside a decode step rather than alone between two events (launch and ramp overlapped).
 GB/s count what must move: int8 values (row padding included) + fp16 scales + x + y for INT8; 2 bytes per
 weight + x + y for fp16. Every implementation is checked against a float64 reference (on a sample of
 output channels) before it is timed; inputs rotate over copies larger than 4x L2 (cold weights).
@@ -17,7 +21,11 @@ GEMV_PATH_MAX_ROWS (rawformer/ops/quant.py); only M = 1 is judged.
 
 End to end (bench/e2e.py's llama-1b config and helpers, random fp16 weights, prompt 128, 128 new tokens,
 batch 1, Generator with CUDA graphs): fp16, then the same model quantized in place ("int8", "int8-g128");
-decode-only tokens/s (decode steps / their time) and each one's weight-streaming roofline.
+decode-only tokens/s (decode steps / their time) and each one's weight-streaming roofline; then each step is
+split into its projections (the step's qkv / o / gate-up SwiGLU / down / lm-head launches alone in one CUDA
+graph, PDL as in the decode graph) and the rest (step - projections: attention, norms, RoPE, KV writes,
+sampling, host time), and the report says what the INT8 projections would have to take for 1.5x with that
+rest (`gap_lines`).
 
 Acceptance (issue 9): INT8 GEMV at batch 1 >= 80% of the copy ceiling on every shape, and >= 1.6x the
 cuBLAS fp16 time on every shape; end-to-end batch-1 decode INT8 >= 1.5x FP16 tokens/s. The e2e ratio also
@@ -46,7 +54,10 @@ CONFIGS: dict[str, tuple[int, int, str]] = {  # name -> (K, N, what)
     "28672x8192": (28672, 8192, "Llama-3-70B down projection"),
 }
 QUICK_CONFIGS = ("4096x4096", "11008x4096")
-IMPLS = ("rawformer", "v1", "v2", "v3", "g128", "gemv_path", "gemm_path", "cublas_fp16", "rf_fp16")
+IMPLS = (
+    "rawformer", "v1", "v2", "v3", "g128", "gemv_path", "gemm_path", "cublas_fp16", "rf_fp16", "chain",
+    "rf_fp16_chain",
+)  # fmt: skip
 ACCEPT_CEILING = 0.80
 ACCEPT_VS_CUBLAS = 1.6
 ACCEPT_E2E = 1.5
@@ -164,9 +175,48 @@ def bench_case(
     run("gemm_path", int8_calls(None, path="gemm"), case.ref[None], case.int8_bytes(None))
     run("g128", int8_calls(128), case.ref[128], case.int8_bytes(128))
     run("cublas_fp16", [functools.partial(cp.matmul, x, w) for w in ws], case.ref16, case.fp16_bytes())
-    if rf_linear is not None:
+    if rf_linear is not None:  # the models' layout: W^T (N, K) contiguous, passed as its (K, N) view
+        ws = [cp.ascontiguousarray(w.T).T for w in ws]
         run("rf_fp16", [functools.partial(rf_linear, x, w) for w in ws], case.ref16, case.fp16_bytes())
+    if case.m == 1:  # inside a graph, back to back (nbytes: the whole chain's)
+        chain = [functools.partial(rf.int8_linear, x, q) for q in qs[None]]
+        run("chain", graph_call(cp, chain), case.ref[None], case.int8_bytes(None) * len(chain))
+        if rf_linear is not None:
+            chain16 = [functools.partial(rf_linear, x, w) for w in ws]
+            run("rf_fp16_chain", graph_call(cp, chain16), case.ref16, case.fp16_bytes() * len(chain16))
     return records
+
+
+def graph_call(cp: Any, calls: list[Callable[[], Any]]) -> list[Callable[[], Any]]:
+    """[one callable that replays `calls` captured in one CUDA graph on the current stream, returning the
+    first call's output]; calls that cannot be captured raise here (measure() records the error)."""
+    from rawformer.kernels import gemm
+
+    try:
+        stream = cp.cuda.Stream(non_blocking=True)
+        with stream:
+            gemm.prepare()
+            for c in calls:  # compile outside the capture
+                c()
+            stream.synchronize()
+            stream.begin_capture()
+            try:
+                outs = [c() for c in calls]
+            finally:
+                graph = stream.end_capture()
+    except Exception as exc:  # recorded as this implementation's error by measure()
+        message = harness.describe(exc)
+
+        def failed() -> Any:
+            raise RuntimeError(f"CUDA graph capture failed: {message}")
+
+        return [failed]
+
+    def replay() -> Any:
+        graph.launch(cp.cuda.get_current_stream())
+        return outs[0]
+
+    return [replay]
 
 
 # ---- end to end ------------------------------------------------------------------------------------------
@@ -199,6 +249,7 @@ def e2e_decode(cp: Any, args: argparse.Namespace, ceiling: float) -> dict:
             first_tokens = rec["first_tokens"] if first_tokens is None else first_tokens
             agree = np.ravel(rec["first_tokens"]) != np.ravel(first_tokens)
             rec["greedy_agree_steps"] = int(np.argmax(np.r_[agree, True]))
+            rec.update(step_split(cp, model, rec, wbytes, ceiling))
         except Exception as exc:
             rec = {"mode": mode, "status": "error", "message": harness.describe(exc)}
             harness.log(f"  e2e {mode}: ERROR {rec['message']}")
@@ -243,6 +294,111 @@ def e2e_one(
         f"({pct:.1f}% of its roofline {rec['roofline_tok_s']:,.0f}; {wbytes / 1e6:,.0f} MB/token)"
     )
     return rec
+
+
+def projection_calls(cp: Any, model: Any) -> list[Callable[[], Any]]:
+    """One decode step's projections of a Llama model at batch 1, as models/llama.py calls them (fused qkv,
+    o, the gate/up SwiGLU pair, down, per block; the lm head), on random fp16 inputs of the right widths."""
+    from rawformer.models.common import linear, linear_swiglu
+
+    inputs: dict[int, Any] = {}
+
+    def x_for(k: int) -> Any:
+        if k not in inputs:
+            inputs[k] = cp.random.RandomState(k).standard_normal((1, k), dtype=cp.float32).astype(cp.float16)
+        return inputs[k]
+
+    calls = []
+    for blk in model.blocks:
+        calls.append(functools.partial(linear, x_for(blk.w_qkv.shape[0]), blk.w_qkv, blk.b_qkv))
+        calls.append(functools.partial(linear, x_for(blk.w_o.shape[0]), blk.w_o, blk.b_o))
+        calls.append(
+            functools.partial(
+                linear_swiglu, x_for(blk.w_gate.shape[0]), blk.w_gate, blk.w_up, blk.b_gate, blk.b_up
+            )
+        )
+        calls.append(functools.partial(linear, x_for(blk.w_down.shape[0]), blk.w_down, blk.b_down))
+    head = model.lm_head.T
+    calls.append(functools.partial(linear, x_for(head.shape[0]), head))
+    return calls
+
+
+def gemv_step_ms(cp: Any, model: Any, reps: int = 20) -> float:
+    """Milliseconds of one decode step's projections alone: projection_calls captured in one CUDA graph
+    (the launches the decode graph holds, PDL included, nothing else), median of `reps` replays."""
+    from rawformer.kernels import gemm
+
+    calls = projection_calls(cp, model)
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        gemm.prepare()
+        for c in calls:  # compile / warm up outside the capture
+            c()
+        stream.begin_capture()
+        for c in calls:
+            c()
+        graph = stream.end_capture()
+        graph.launch(stream)
+        stream.synchronize()
+        times = []
+        for _ in range(reps):
+            start, stop = cp.cuda.Event(), cp.cuda.Event()
+            start.record(stream)
+            graph.launch(stream)
+            stop.record(stream)
+            stop.synchronize()
+            times.append(cp.cuda.get_elapsed_time(start, stop))
+    return float(np.median(times))
+
+
+def step_split(cp: Any, model: Any, rec: dict, wbytes: int, ceiling: float) -> dict:
+    """The decode step split into its projections (gemv_step_ms) and the rest (step - projections:
+    attention, norms, RoPE, KV writes, embedding, sampling, graph launch and host time per token)."""
+    step = 1e3 / rec["decode_only_tok_s"] if rec.get("decode_only_tok_s") else None
+    gemv = gemv_step_ms(cp, model)
+    out = {
+        "step_ms": step,
+        "gemv_ms": gemv,
+        "gemv_gbps": wbytes / gemv / 1e6,
+        "roofline_ms": wbytes / ceiling / 1e6,
+    }
+    out["rest_ms"] = step - gemv if step is not None else None
+    harness.log(
+        f"  e2e {rec['mode']:<9}: step {step or 0:.3f} ms = projections {gemv:.3f} ms "
+        f"({out['gemv_gbps']:,.0f} GB/s; {out['roofline_ms']:.3f} ms at the copy ceiling) + rest "
+        f"{out['rest_ms'] or 0:.3f} ms"
+    )
+    return out
+
+
+def gap_lines(e2e_result: dict) -> list[str]:
+    """The 1.5x target in numbers: what the INT8 projections would have to take with the rest unchanged."""
+    runs = e2e_result["runs"]
+    base = runs.get("fp16", {})
+    if base.get("step_ms") is None or base.get("gemv_ms") is None:
+        return []
+    lines = [
+        f"- fp16 step {base['step_ms']:.3f} ms = projections {base['gemv_ms']:.3f} ms + rest "
+        f"{base['rest_ms']:.3f} ms ({100 * base['rest_ms'] / base['step_ms']:.0f}% of the step)"
+    ]
+    target = base["step_ms"] / ACCEPT_E2E
+    for mode in ("int8", "int8-g128"):
+        r = runs.get(mode, {})
+        if r.get("step_ms") is None or r.get("gemv_ms") is None:
+            continue
+        need = target - r["rest_ms"]
+        lines.append(
+            f"- {mode} step {r['step_ms']:.3f} ms = projections {r['gemv_ms']:.3f} ms + rest "
+            f"{r['rest_ms']:.3f} ms; "
+            f"{ACCEPT_E2E:g}x fp16 needs a {target:.3f} ms step: with this rest, projections of "
+            + (
+                f"{need:.3f} ms ({r['weight_bytes'] / need / 1e6:,.0f} GB/s; at the copy ceiling they take "
+                f"{r['roofline_ms']:.3f} ms)"
+                if need > 0
+                else f"{need:.3f} ms: impossible, the rest alone exceeds the target"
+            )
+        )
+    return lines
 
 
 def e2e_verdicts(e2e_result: dict | None) -> list[harness.Verdict]:
@@ -397,20 +553,34 @@ def write_results(
             f"## End to end: {E2E_CONFIG} batch-1 decode",
             "",
             "| mode | MB streamed / token | roofline tok/s | decode-only tok/s | % of roofline | "
-            "end-to-end tok/s | greedy tokens equal to fp16 |",
-            "|---|---:|---:|---:|---:|---:|---:|",
+            "end-to-end tok/s | greedy tokens equal to fp16 | step ms | projections ms (GB/s) | rest ms |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for mode, r in e2e_result["runs"].items():
             if "decode_only_tok_s" not in r:
-                lines.append(f"| {mode} | error: {r.get('message')} | | | | | |")
+                lines.append(f"| {mode} | error: {r.get('message')} | | | | | | | | |")
                 continue
             d = r["decode_only_tok_s"] or 0
+            split = "| | | |"
+            if r.get("gemv_ms") is not None:
+                split = (
+                    f"| {r['step_ms'] or 0:.3f} | {r['gemv_ms']:.3f} ({r['gemv_gbps']:,.0f}) | "
+                    f"{r['rest_ms'] or 0:.3f} |"
+                )
             lines.append(
                 f"| {mode} | {r['weight_bytes'] / 1e6:,.0f} | {r['roofline_tok_s']:,.0f} | {d:,.0f} | "
                 f"{100 * d / r['roofline_tok_s']:.1f}% | {r['tok_s']:,.0f} | {r['greedy_agree_steps']} of "
-                f"{len(r['first_tokens'][0])} |"
+                f"{len(r['first_tokens'][0])} {split}"
             )
-        lines.append("")
+        lines += [
+            "",
+            "step = 1 / decode-only tok/s; projections = the step's qkv, o, gate/up (SwiGLU), down and "
+            "lm-head launches alone, captured in one CUDA graph (PDL as in the decode graph); rest = step - "
+            "projections (attention, norms, RoPE, KV writes, embedding, sampling, launch and host time).",
+            "",
+            *gap_lines(e2e_result),
+            "",
+        ]
     lines += harness.acceptance_lines(verdicts)
     (out_dir / "quant.md").write_text("\n".join(lines) + "\n")
     harness.log("\nACCEPTANCE")

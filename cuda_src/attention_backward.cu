@@ -15,8 +15,8 @@
 //   dk / dv [.., kv_heads, D] of k's type, zeroed by the launcher (keys no block reaches stay zero).
 //
 // Kernels:
-//   attention_backward_preprocess<T, THREADS>  one warp per (token, q head): delta = rowsum(dO * O) in fp32
-//                                              (lse layout) and the dq_acc row zeroed.
+//   attention_backward_preprocess<T, THREADS>  8 lanes per (token, q head), 16-byte accesses: delta =
+//                                              rowsum(dO * O) in fp32 (lse layout), the dq_acc row zeroed.
 //   attention_backward_v1<T, D>                SIMT, any T and D (multiple of 16). Grid (key tiles of BN = 16,
 //                                              kv heads, sequences); 128 threads. K, V, dK, dV of the tile
 //                                              in shared memory as fp32 ([BN][D + 1]: odd stride); for each
@@ -30,7 +30,7 @@
 //   attention_backward_v2<D, BM, WARPS>        fp16 tensor cores, D in {64, 128} (see its comment below);
 //                                              versions 2 / 3: WARPS = 4 (64 keys per block), version 4:
 //                                              WARPS = 8 (128 keys per block, vector dQ reductions on sm_90).
-//   attention_backward_convert<T>              dq = scale * dq_acc, cast to T.
+//   attention_backward_convert<T>              dq = scale * dq_acc, cast to T (4 elements per thread).
 // Numerics: base 2, scale_log2 = scale * log2(e), lse2 = lse * log2(e); fp32 everywhere. A query with
 // lse = -inf (it saw no key) or past its sequence gets lse2 = +inf, so exp2(s - lse2) = 0: no NaN.
 #include "common.cuh"
@@ -39,6 +39,7 @@ namespace rf_attn_bwd {
 
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr int kV1BN = 16, kV1BM = 16, kV1Threads = 128;
+constexpr int kPreLanes = 8;  // preprocess: lanes per (token, head) row
 
 struct Seq {
   int q_start, k_start, len_q, len_k;
@@ -76,31 +77,50 @@ __global__ void __launch_bounds__(THREADS)
     attention_backward_preprocess(const T* __restrict__ out, const T* __restrict__ dout,
                                   float* __restrict__ delta, float* __restrict__ dq_acc, int rows, int q_heads,
                                   int dim, int seq_q, int varlen) {
-  const int lane = threadIdx.x % rf::kWarp;
-  const long long pair = static_cast<long long>(blockIdx.x) * (THREADS / rf::kWarp) + threadIdx.x / rf::kWarp;
-  if (pair >= static_cast<long long>(rows) * q_heads) return;
-  const long long row = pair / q_heads;
-  const int h = static_cast<int>(pair - row * q_heads);
-  const T* o = out + pair * dim;
-  const T* g = dout + pair * dim;
+  // kPreLanes lanes per (token, head) row, 16-byte loads of out / dout and 16-byte zero stores to dq_acc;
+  // dim is a multiple of 16 (the launcher pads) and the rows 16-byte aligned.
+  constexpr int L = rf_attn_bwd::kPreLanes, VEC = 16 / sizeof(T);
+  const int sub = threadIdx.x % L;
+  const long long pair = static_cast<long long>(blockIdx.x) * (THREADS / L) + threadIdx.x / L;
+  const bool valid = pair < static_cast<long long>(rows) * q_heads;  // no early exit: the group shuffles
   float acc = 0.0f;
-  for (int d = lane; d < dim; d += rf::kWarp) {
-    acc += rf::to_acc(o[d]) * rf::to_acc(g[d]);
-    dq_acc[pair * dim + d] = 0.0f;
+  if (valid) {
+    const uint4* o = reinterpret_cast<const uint4*>(out + pair * dim);
+    const uint4* g = reinterpret_cast<const uint4*>(dout + pair * dim);
+    for (int c = sub; c < dim / VEC; c += L) {
+      const uint4 ov = o[c], gv = g[c];
+      const T* oe = reinterpret_cast<const T*>(&ov);
+      const T* ge = reinterpret_cast<const T*>(&gv);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) acc = fmaf(rf::to_acc(oe[e]), rf::to_acc(ge[e]), acc);
+    }
+    float4* z = reinterpret_cast<float4*>(dq_acc + pair * dim);
+    for (int c = sub; c < dim / 4; c += L) z[c] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
   }
-  acc = rf::warp_reduce(acc, rf::Sum{});
-  if (lane == 0) {
+#pragma unroll
+  for (int o = L / 2; o > 0; o /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+  if (valid && sub == 0) {
+    const long long row = pair / q_heads;
+    const int h = static_cast<int>(pair - row * q_heads);
     const long long idx = varlen ? static_cast<long long>(h) * rows + row
                                  : ((row / seq_q) * q_heads + h) * seq_q + row % seq_q;
     delta[idx] = acc;
   }
 }
 
+// Four elements per thread (n is a multiple of 16: rows of the padded head dim).
 template <typename T>
 __global__ void attention_backward_convert(const float* __restrict__ acc, T* __restrict__ dq, long long n,
                                            float scale) {
-  const long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i < n) dq[i] = rf::from_acc<T>(acc[i] * scale);
+  const long long i = 4 * (static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x);
+  if (i >= n) return;
+  const float4 a = *reinterpret_cast<const float4*>(acc + i);
+  rf::Vec<T, 4> out;
+  out.v[0] = rf::from_acc<T>(a.x * scale);
+  out.v[1] = rf::from_acc<T>(a.y * scale);
+  out.v[2] = rf::from_acc<T>(a.z * scale);
+  out.v[3] = rf::from_acc<T>(a.w * scale);
+  rf::store_vec(dq + i, out);
 }
 
 template <typename T, int D>
@@ -225,13 +245,14 @@ __global__ void __launch_bounds__(rf_attn_bwd::kV1Threads) attention_backward_v1
 //      lanes tq, tq ^ 1 swap halves of their C fragments so that each adds 4 consecutive floats with one
 //      red.global.add.v4.f32 (a quarter of the reduction instructions of scalar atomicAdd).
 // Query tiles run as one flattened sequence (q head of the group, tile) whose tile t + 1 is copied
-// (cp.async) into the other half of double buffers while tile t computes.
+// (cp.async) into the other half of double buffers while tile t computes; v4 rotates the sequence's start
+// by the key tile index (co-resident blocks of one head then add into different dq rows).
 // Shared memory (fp16 rows padded by 8 halves = 16 bytes, so the 8 rows of an ldmatrix phase start in 8
 // different bank quads): K [BN][D+8], V [BN][D+8], Q [2][BM][D+8], dO [2][BM][D+8], dS [BM][BN+8], then
 // lse2 and delta float [2][BM] each: 2 (2 BN + 4 BM)(D + 8) + 2 BM (BN + 8) + 16 BM bytes.
 //   v2 <64, 64, 4>: 64 KB, 246 registers (sm_90)      v2 <128, 32, 4>: 73 KB, 254 registers
 //   v3 <64, 32, 4>: 41 KB, 208 registers              v3 <128, 16, 4>: 54 KB, 242 registers
-//   v4 <64, 64, 8>: 90 KB, 250 registers              v4 <128, 16, 8>: 90 KB, 252 registers
+//   v4 <64, 64, 8>: 90 KB, 252 registers              v4 <128, 16, 8>: 90 KB, 255 registers
 // (no spills on sm_80 / sm_90). 4 warps: 2 blocks per SM; 8 warps: 1 block per SM (registers), the same
 // 8 warps per SM. BM = 64 for D = 64, 32 (v2) / 16 for D = 128 (registers: dK + dV are D floats per lane;
 // v4 <128, 32, 8> would spill).
@@ -290,11 +311,24 @@ __global__ void __launch_bounds__(32 * WARPS, 8 / WARPS) attention_backward_v2(R
   float* del_s0 = lse_s0 + 2 * BM;                                           // [2][BM]
   const u32 ds_smem = rf::smem_addr(ds_s);
 
-  const int b = blockIdx.z, kvh = blockIdx.y, tid = threadIdx.x;
+  // Block -> (key tile kt, kv head, sequence): grid (key tiles, kv heads, sequences). v4 reads the launch
+  // order with the key tile varying slowest, so under causal the blocks with the most query tiles (the
+  // first key tiles) start first and the light ones fill the tail (longest first).
+  int kt = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z;
+  if constexpr (WARPS == 8) {
+    const int hb = gridDim.y * gridDim.z;
+    const long long lin = blockIdx.x + static_cast<long long>(gridDim.x) *
+                                           (blockIdx.y + static_cast<long long>(gridDim.y) * blockIdx.z);
+    kt = static_cast<int>(lin / hb);
+    const int rest = static_cast<int>(lin - static_cast<long long>(kt) * hb);
+    kvh = rest % gridDim.y;
+    b = rest / gridDim.y;
+  }
+  const int tid = threadIdx.x;
   const int warp = tid / 32, lane = tid % 32, g = lane >> 2, tq = lane & 3;
   const bool varlen = cu_seqlens_q != nullptr;
   const Seq sq = sequence(cu_seqlens_q, cu_seqlens_k, seq_q, seq_k, b);
-  const int n0 = blockIdx.x * BN;
+  const int n0 = kt * BN;
   if (n0 >= sq.len_k) return;
   const int off = sq.len_k - sq.len_q;
   const int grp = q_heads / kv_heads;
@@ -316,9 +350,14 @@ __global__ void __launch_bounds__(32 * WARPS, 8 / WARPS) attention_backward_v2(R
   const int i_lo = causal ? max(0, n0 - off) / BM * BM : 0;
   const int per_head = sq.len_q > i_lo ? (sq.len_q - i_lo + BM - 1) / BM : 0;
   const int n_tiles = per_head * grp;
+  // v4: block kt starts at (head, tile) number kt mod n_tiles and wraps around, so that co-resident blocks
+  // of one head add into different dq rows at a time (no same-address atomic pile-up in L2).
+  const int rot = WARPS == 8 && n_tiles > 0 ? kt % n_tiles : 0;
+  auto tile_of = [&](int t) { return t + rot < n_tiles ? t + rot : t + rot - n_tiles; };
   // Q, dO (cp.async, zero rows past the sequence), lse2 and delta of tile t into buffer t & 1.
   auto load_q = [&](int t) {
-    const int h = kvh * grp + t / per_head, i0 = i_lo + (t % per_head) * BM, buf = t & 1;
+    const int u = tile_of(t), buf = t & 1;
+    const int h = kvh * grp + u / per_head, i0 = i_lo + (u % per_head) * BM;
     for (int idx = tid; idx < BM * CH; idx += THREADS) {
       const int r = idx / CH, c = idx - r * CH;
       const bool ok = i0 + r < sq.len_q;
@@ -374,7 +413,8 @@ __global__ void __launch_bounds__(32 * WARPS, 8 / WARPS) attention_backward_v2(R
   key[1] = key[0] + 8;
 
   for (int t_q = 0; t_q < n_tiles; ++t_q) {
-    const int h = kvh * grp + t_q / per_head, i0 = i_lo + (t_q % per_head) * BM, buf = t_q & 1;
+    const int u = tile_of(t_q), buf = t_q & 1;
+    const int h = kvh * grp + u / per_head, i0 = i_lo + (u % per_head) * BM;
     if (t_q + 1 < n_tiles) {
       load_q(t_q + 1);  // into the buffer tile t_q - 1 used: the barrier ending t_q - 1 freed it
       rf::cp_async_commit();

@@ -11,12 +11,29 @@
 //   y       T     [M, ldy]
 // Symmetric quantization: q in [-127, 127], no zero point.
 //
-// Versions (one kernel template, numbered configurations of it; DUAL = the fused gate/up + SwiGLU form):
-//   int8_gemv v1  <R=1, U=1>  one warp per output row, one 16-byte chunk per lane per step: the baseline.
-//   int8_gemv v2  <R=2, U=4>  two rows per warp (x loaded once for both), four chunks per lane in flight:
-//                             8 independent 16-byte weight loads per lane before the first use.
-//   int8_gemv v3  <R=4, U=2>  four rows per warp: x traffic through L1 halved again, same loads in flight.
+// Versions (one kernel template int8_gemv<T, M, G, R, U, W, DUAL>, numbered configurations of it; every
+// version also has its DUAL form, the fused gate/up + SwiGLU):
+//   int8_gemv v1  <R=1, U=1, W=4>  one warp per output row, one 16-byte chunk per lane per step, 4 warps per
+//                                  CTA: the baseline; <= 40 registers, 64 warps per SM resident. Best measured
+//                                  on large matrices (H100, before PDL: 95% of copy at 8192x28672).
+//   int8_gemv v2  <R=2, U=4, W=8>  two rows per warp (x loaded once for both), four chunks per lane and row:
+//                                  8 independent 16-byte loads per lane, two whole rows of K <= 2048 at once.
+//   int8_gemv v3  <R=1, U=8, W=8>  one row per warp, eight chunks per lane: a whole row of K <= 4096 is in
+//                                  flight at once (4096 x 4096: the whole matrix in one go, every warp resident).
+//   (Before PDL, <R=2, U=4, W=4> and <R=4, U=2, W=4> measured no better than v1: trimmed.)
+//   Default (rawformer/ops/quant.py default_gemv_version): v1 for K > 4096 with N >= 8192, else v3.
+//   M (tokens) is compiled for 1, 2, 4, 8; a launch of m_rows <= M rows leaves the others unread / unwritten.
+//   DUAL keeps the loads per lane: U is halved (v2: 2 chunks x 2 rows x 2 matrices, v3: 4 x 1 x 2).
+//   Launch bounds (rf_int8::MinCtas): 64 registers (32 warps per SM) at one token, 85 for four weight rows,
+//   or group scales with two rows or fp32 x; 128 (255 for four rows) above one token: no spills (nvcc -Xptxas
+//   -v, sm_80 and sm_90).
 // Ideas common to all versions:
+//   - programmatic dependent launch (common.cuh): the kernel triggers its dependents at entry and issues its
+//     first step's weight loads (and per-channel and group scales: nothing in a decode step writes weights)
+//     before rf::pdl_wait(); x and the biases are read and y written only after it. In a CUDA graph this
+//     overlaps the launch and the first DRAM round trip with the previous kernel's tail. q and scales must
+//     not be written by the kernel launched just before (model weights are written once at load;
+//     quantize_int8 synchronizes its stream before it returns).
 //   - weights stream once: ld.global.nc.L1::no_allocate 16-byte loads (L1 is left to x, which every warp
 //     rereads); x comes through the read-only path (16 halves = two 16-byte loads per token and chunk).
 //   - int8 -> fp32 without I2F (quarter rate on sm_90): xor 0x80 makes the byte biased-unsigned, PRMT puts it
@@ -25,10 +42,10 @@
 //     group's scale when G > 0) to the running sum; per-channel scales are applied once after the reduction.
 //   - per (row, token) a butterfly warp reduction (common.cuh); lane r * M + m then holds and stores y[m, row r].
 //   - rows past N are clamped to N - 1 for the loads (no divergence in the loop) and never stored.
-//   - 128 threads per CTA = 4 warps = 4 R rows; grid ceil(N / (4 R)).
+//   - W warps per CTA = W R rows; grid ceil(N / (W R)).
 //   - DUAL (rf.int8_linear_swiglu): the warp also reads the same R rows of a second matrix (Llama's up
 //     projection next to the gate) and stores silu(gate) * up from the two fp32 sums: one launch, one read
-//     of x, no (M, 2N) intermediate. Only the default version is instantiated with DUAL.
+//     of x, no (M, 2N) intermediate.
 //
 // int8_dequant<T, G>: w^T[n, k] = q[n, k] * scale, written as T into [N, ldq] (the prefill / large-batch path
 // feeds that fp16 matrix to cuBLAS: a first version before a dequantizing tensor-core GEMM).
@@ -39,13 +56,18 @@ namespace rf_int8 {
 
 constexpr int kChunk = 16;  // int8 weights per 16-byte load
 
-// Resident warps per SM the compiler must allow (launch bounds: registers <= 65536 / (32 * warps)). One token:
-// 32 warps (<= 64 registers), so that a 4096-row matrix's 4096 warps are all resident at once on 132 SMs (no
-// second wave), 24 (<= 85) for group scales of two rows (their scales do not fit 64 registers); more tokens:
-// 16 warps (<= 128). (Fewer registers and the compiler spills the unrolled loads and dequantized chunks.)
-constexpr int min_ctas(int warps_per_cta, int tokens, bool grouped, int rows) {
-  return (tokens == 1 ? (grouped && rows > 1 ? 24 : 32) : 16) / warps_per_cta;
-}
+// Resident warps per SM the compiler must allow (launch bounds: registers <= 65536 / (32 * warps)), by the
+// weight rows a warp reads (R, twice that for DUAL). One token: 32 warps (<= 64 registers), so that a
+// 4096-row matrix's 4096 warps are all resident at once on 132 SMs (no second wave); 24 (<= 85) for four
+// rows, or group scales with two rows or fp32 x (sm_80 spills those at 64). More tokens: 16 warps (<= 128),
+// 8 for four rows. (Fewer registers than these and the compiler spills the unrolled loads and dequantized
+// chunks.)
+// (A struct, not a constexpr function: NVRTC refuses host functions, nvcc device ones in launch bounds.)
+template <int kWarpsPerCta, int kTokens, bool kGrouped, int kRows, bool kFp32X>
+struct MinCtas {
+  static constexpr int one = kRows > 2 || (kGrouped && (kRows > 1 || kFp32X)) ? 24 : 32;
+  static constexpr int value = (kTokens == 1 ? one : kRows > 2 ? 8 : 16) / kWarpsPerCta;
+};
 
 // 16 bytes that are read once: no L1 allocation.
 __device__ __forceinline__ uint4 load_stream(const void* p) {
@@ -121,10 +143,10 @@ template <> __device__ __forceinline__ void store16<float>(float* p, const float
 // y[m, n] = sum_k x[m, k] q[n, k] s(n, k) (+ b[n]) for m < m_rows (<= M), n < N. See the header for the layout.
 // DUAL: a second matrix (q2, scales2, bias2: the up projection, same shape and grouping) read by the same
 // warp for the same rows (virtual rows R..2R-1), and y[m, n] = silu(gate) * up of the two float sums.
-// PDL: dependents are triggered at entry; the first step's weight loads (and every scale and bias, which no
-// kernel of a step writes) are issued before rf::pdl_wait(), x is read and y written only after it.
+// PDL: dependents are triggered at entry; the first step's weight loads (and the scales: no kernel of a step
+// writes weights) are issued before rf::pdl_wait(); x and the biases are read and y written after it.
 template <typename T, int M, int G, int R, int U_, int W, bool DUAL>
-__global__ void __launch_bounds__(W * rf::kWarp, rf_int8::min_ctas(W, M, G > 0, DUAL ? 2 * R : R))
+__global__ void __launch_bounds__(W * rf::kWarp, (rf_int8::MinCtas<W, M, (G > 0), (DUAL ? 2 * R : R), (sizeof(T) == 4)>::value))
     int8_gemv(const T* __restrict__ x, const signed char* __restrict__ q, const __half* __restrict__ scales,
               const T* __restrict__ bias, const signed char* __restrict__ q2, const __half* __restrict__ scales2,
               const T* __restrict__ bias2, T* __restrict__ y, int m_rows, int n_rows, int chunks, int ldx, int ldq,
@@ -133,7 +155,8 @@ __global__ void __launch_bounds__(W * rf::kWarp, rf_int8::min_ctas(W, M, G > 0, 
   constexpr int RR = DUAL ? 2 * R : R;  // rows of weights a warp reads: R of q, then (DUAL) the same R of q2
   constexpr int U = DUAL && U_ > 1 ? U_ / 2 : U_;  // chunks per row and lane in flight: DUAL reads two rows
   static_assert(M >= 1 && R * M <= rf::kWarp, "lane r * M + m stores y[m, row r]");
-  static_assert(G == 0 || G % kChunk == 0, "a group is a whole number of 16-byte chunks");
+  static_assert(G == 0 || (G % kChunk == 0 && (rf::kWarp * kChunk) % G == 0),
+                "a group is a whole number of 16-byte chunks, and a warp's step (512) whole groups");
   rf::pdl_launch_dependents();
   const int lane = threadIdx.x % rf::kWarp;
   const int row0 = (blockIdx.x * W + threadIdx.x / rf::kWarp) * R;
@@ -149,14 +172,19 @@ __global__ void __launch_bounds__(W * rf::kWarp, rf_int8::min_ctas(W, M, G > 0, 
     qrow[rr] = (rr < R ? q : q2) + static_cast<size_t>(row[r]) * ldq;
     srow[rr] = (rr < R ? scales : scales2) + static_cast<size_t>(row[r]) * (G > 0 ? ngroups : 1);
   }
-  // per-channel scales and biases now, not after the loop: their latency would add to the kernel's tail
+  // per-channel scales now, biases right after pdl_wait (the launcher may have just made a contiguous copy
+  // of one), not after the loop: their latency would add to the kernel's tail
   float chan_scale[RR], chan_bias[RR];
 #pragma unroll
-  for (int rr = 0; rr < RR; ++rr) {
-    const T* b = rr < R ? bias : bias2;
-    chan_scale[rr] = G == 0 ? __half2float(srow[rr][0]) : 1.f;
-    chan_bias[rr] = b != nullptr ? rf::to_acc(b[row[rr % R]]) : 0.f;
-  }
+  for (int rr = 0; rr < RR; ++rr) chan_scale[rr] = G == 0 ? __half2float(srow[rr][0]) : 1.f;
+  const auto wait_then_load_biases = [&]() {
+    rf::pdl_wait();
+#pragma unroll
+    for (int rr = 0; rr < RR; ++rr) {
+      const T* b = rr < R ? bias : bias2;
+      chan_bias[rr] = b != nullptr ? rf::to_acc(b[row[rr % R]]) : 0.f;
+    }
+  };
   float acc[RR][M];
 #pragma unroll
   for (int rr = 0; rr < RR; ++rr)
@@ -181,7 +209,7 @@ __global__ void __launch_bounds__(W * rf::kWarp, rf_int8::min_ctas(W, M, G > 0, 
       }
     }
     if (!waited) {  // x is the previous kernel's output
-      rf::pdl_wait();
+      wait_then_load_biases();
       waited = true;
     }
 #pragma unroll
@@ -216,7 +244,7 @@ __global__ void __launch_bounds__(W * rf::kWarp, rf_int8::min_ctas(W, M, G > 0, 
       }
     }
   }
-  if (!waited) rf::pdl_wait();  // lanes past the last chunk (K < 16 * lane): before the first write
+  if (!waited) wait_then_load_biases();  // lanes past the last chunk (K < 16 * lane)
   // Reduce every (row, token) sum across the warp; lane r * M + m then finishes and stores y[m, row r].
 #pragma unroll
   for (int r = 0; r < R; ++r) {

@@ -10,7 +10,8 @@
 //   rope        [num_blocks, block_size, DR]    strides r_sb, r_st    R + DR, the rope key right after)
 //   block_tables int32 [num_seqs, table_stride]; context_lens int32 [num_seqs] (q_len new tokens included)
 //   out         C-contiguous __half [num_seqs, q_len, heads, R]
-//   part_out    float [num_seqs, q_len, heads, num_splits, R]; part_lse float [..., num_splits] (base 2)
+//   part_out    float (v1) / __half (v2) [num_seqs, q_len, heads, num_splits, R];
+//   part_lse    float [num_seqs, q_len, heads, num_splits] (base 2)
 //
 // Maths: query row (token t, head h) sits at position ctx - q_len + t and sees positions 0..that.
 // x_p = scale * log2(e) * (q_abs . c_p + q_rope . k_r,p); online max m / sum l in fp32; out = sum 2^(x_p - m)
@@ -34,13 +35,35 @@
 //       Configurations the launcher uses: <512, 64, 1, 4, 64> (16 rows, 4 warps, 64-token tiles of 72 KB:
 //       few heads, memory-bound: the latent stream is read once per 16 rows) and <512, 64, 4, 8, 32> (64 rows,
 //       8 warps, 32-token tiles: every tile feeds 4 m-tiles of MMAs: the compute-bound case of 128 heads).
-//       Expected limits (not yet measured): 16 rows read 72 KB of latent per 64-token tile and do 2.4 MFLOP
-//       on it: memory-bound, one 171 KB CTA of 4 warps per SM with the next tile in flight. 64 rows: every
-//       S k-step reloads Q's A fragment and K's B fragment from shared memory (ldmatrix; Q does not fit in
-//       registers beside the 128 fp32 accumulators of O), about 360 KB of shared-memory reads per 4.5 MFLOP
-//       tile: shared-memory bandwidth caps it near 370 TFLOP/s on an H100 before barriers and latency.
-//   mla_decode_combine<R, THREADS>  one CTA per (seq, token, head) row: merges the splits' partials.
-// Kernel arguments (v1):
+//       Measured (H100, 32 seqs x 2048 tokens): 16 heads 0.060 ms = 1287 GB/s (43% of copy), 128 heads
+//       0.153 ms = 119 TFLOP/s. 64 rows: every S k-step reloads Q's A fragment and K's B fragment from shared
+//       memory (ldmatrix; Q does not fit in registers beside the 128 fp32 accumulators of O), about 360 KB
+//       of shared-memory reads per 4.5 MFLOP tile: shared-memory bandwidth caps it near 370 TFLOP/s before
+//       barriers and latency; with one CTA per SM whose 4 or 8 warps move through 5 barriers per tile in
+//       lockstep, latency (not bandwidth) is what the measurement shows.
+//   mla_decode_v2<R, DR, MT, WARPS, TK, STAGES>  v1's work split and shared-memory layout (the float area:
+//       red_max, red_sum, two running maxima by tile parity, the running sum) with a shorter critical path
+//       per tile, aimed at >= 2 resident CTAs per SM so that one CTA's barriers overlap the other's work:
+//         * 3 barriers per tile, not 5: (W) after the cp.async wait also frees the stage and P of the tile
+//           before (the next load is issued after it); (A) slice maxima; (C) P and slice sums. Each thread
+//           derives the new running max / rescale factor of the rows it touches from red_max itself;
+//         * STAGES-deep cp.async ring: tile it + STAGES - 1 is in flight while tile it is computed;
+//         * the loader hands each warp whole token rows: one block-table read per warp and tile (a lane per
+//           row, broadcast by shuffle), 2 latent chunks per lane and the rope chunks on lanes 0..DR/8-1;
+//         * S = Q K^T over alternate k-steps into two accumulator sets: two independent MMA chains;
+//         * programmatic dependent launch: rf::pdl_launch_dependents / rf::pdl_wait at the top;
+//         * split-KV partials in fp16 (each already divided by its own sum, so within fp16's range), half
+//           the bytes of v1's fp32 partials; merged by mla_decode_combine_h.
+//       Configurations (python V2_CONFIGS; shared bytes = 2 (16 MT + STAGES TK) (R + DR + 8)
+//       + 2 x 16 MT (TK + 8) + 4 x 16 MT (2 TK / 16 + 3), python _smem):
+//         <512, 64, 1, 2, 32, 2>  16 rows, 2 warps, 95 KB: 2 CTAs per SM (default for <= 16 rows)
+//         <512, 64, 2, 4, 32, 2>  32 rows, 4 warps, 113 KB: 2 CTAs per SM (default for > 16 rows)
+//         <512, 64, 1, 4, 64, 2>, <512, 64, 1, 2, 32, 4>, <512, 64, 4, 8, 32, 2>, <512, 64, 4, 8, 32, 3>:
+//           one CTA per SM (v1's shapes, a 4-deep ring), measured beside them by bench/mla.py --variants all.
+//   mla_decode_combine<R, THREADS>, mla_decode_combine_h<R, THREADS>  one CTA per (seq, token, head) row:
+//       merge the splits' fp32 (v1) / fp16 (v2) partials (launched with programmatic dependent launch:
+//       rf::pdl_wait before reading them).
+// Kernel arguments (v1 and v2):
 //   (q_absorbed, q_rope, latent, rope, block_tables, context_lens, out, part_out, part_lse,
 //    q_len, heads, log2_block, table_stride, split_tokens, num_splits,
 //    qa_ss, qa_st, qa_sh, qr_ss, qr_st, qr_sh, l_sb, l_st, r_sb, r_st, scale_log2)
@@ -301,7 +324,7 @@ template <int R, int DR, int MT, int WARPS, int TK, int STAGES>
 __global__ void __launch_bounds__(32 * WARPS) mla_decode_v2(
     const __half* __restrict__ qa, const __half* __restrict__ qr, const __half* __restrict__ lat,
     const __half* __restrict__ rope, const int* __restrict__ tables, const int* __restrict__ ctx_lens,
-    __half* __restrict__ out, float* __restrict__ part_out, float* __restrict__ part_lse, int q_len,
+    __half* __restrict__ out, __half* __restrict__ part_out, float* __restrict__ part_lse, int q_len,
     int heads, int log2_block, int table_stride, int split_tokens, int num_splits, long long qa_ss,
     long long qa_st, long long qa_sh, long long qr_ss, long long qr_st, long long qr_sh, long long l_sb,
     long long l_st, long long r_sb, long long r_st, float scale_log2) {
@@ -529,7 +552,7 @@ __global__ void __launch_bounds__(32 * WARPS) mla_decode_v2(
         if (num_splits == 1) {
           *reinterpret_cast<unsigned*>(out + orow * R + col) = rf::pack_half2(v0, v1);
         } else {
-          *reinterpret_cast<float2*>(part_out + (orow * num_splits + split) * R + col) = make_float2(v0, v1);
+          *reinterpret_cast<unsigned*>(part_out + (orow * num_splits + split) * R + col) = rf::pack_half2(v0, v1);
         }
       }
     }
@@ -541,13 +564,16 @@ __global__ void __launch_bounds__(32 * WARPS) mla_decode_v2(
 }
 
 // One CTA per (seq, token, head) row: out = sum_i 2^(lse_i - L) out_i / sum_i 2^(lse_i - L), L = max lse_i.
-template <int R, int THREADS>
-__global__ void __launch_bounds__(THREADS) mla_decode_combine(const float* __restrict__ part_out,
-                                                              const float* __restrict__ part_lse,
-                                                              __half* __restrict__ out, int num_splits) {
+namespace rf {
+
+__device__ __forceinline__ float mla_to_float(float x) { return x; }
+__device__ __forceinline__ float mla_to_float(__half x) { return __half2float(x); }
+
+template <int R, int THREADS, typename P>
+__device__ __forceinline__ void mla_combine_row(const P* __restrict__ part_out, const float* __restrict__ part_lse,
+                                                __half* __restrict__ out, int num_splits, float* w_s) {
   rf::pdl_launch_dependents();
   rf::pdl_wait();  // the partials come from the kernel before (launched with pdl=True)
-  extern __shared__ float w_s[];  // [num_splits]
   const float NEG_INF = rf::mla_neg_inf();
   __shared__ float scratch[THREADS / rf::kWarp];
   const long long row = blockIdx.x;
@@ -565,7 +591,25 @@ __global__ void __launch_bounds__(THREADS) mla_decode_combine(const float* __res
   const float inv = sum > 0.f ? 1.f / sum : 0.f;
   for (int c = threadIdx.x; c < R; c += THREADS) {
     float acc = 0.f;
-    for (int i = 0; i < num_splits; ++i) acc += w_s[i] * part_out[(row * num_splits + i) * R + c];
+    for (int i = 0; i < num_splits; ++i) acc += w_s[i] * mla_to_float(part_out[(row * num_splits + i) * R + c]);
     out[row * R + c] = __float2half_rn(acc * inv);
   }
+}
+
+}  // namespace rf
+
+template <int R, int THREADS>
+__global__ void __launch_bounds__(THREADS) mla_decode_combine(const float* __restrict__ part_out,
+                                                              const float* __restrict__ part_lse,
+                                                              __half* __restrict__ out, int num_splits) {
+  extern __shared__ float w_s[];  // [num_splits]
+  rf::mla_combine_row<R, THREADS>(part_out, part_lse, out, num_splits, w_s);
+}
+
+template <int R, int THREADS>
+__global__ void __launch_bounds__(THREADS) mla_decode_combine_h(const __half* __restrict__ part_out,
+                                                                const float* __restrict__ part_lse,
+                                                                __half* __restrict__ out, int num_splits) {
+  extern __shared__ float w_s[];  // [num_splits]
+  rf::mla_combine_row<R, THREADS>(part_out, part_lse, out, num_splits, w_s);
 }

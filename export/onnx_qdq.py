@@ -74,8 +74,15 @@ class QdqBuilder(GraphBuilder):
         return super().weight(name, array, role)
 
     def _dq(self, name: str, qw: QuantizedWeight, transposed: bool) -> str:
+        # DequantizeLinear's output has the scale's type; float16 scales need opset 19: before it, float32
+        # scales (exact) and a Cast of the dequantized matrix to float16
+        cast = self.dtype == np.float16 and self.opset < 19
+        y = self._dq_float(name, qw, transposed, np.float32 if cast else self.dtype)
+        return self.op("Cast", y, to=self.onnx.TensorProto.FLOAT16) if cast else y
+
+    def _dq_float(self, name: str, qw: QuantizedWeight, transposed: bool, scale_dtype: Any) -> str:
         q = np.asarray(backend.to_numpy(qw.q))  # (N, Kp)
-        s = np.asarray(backend.to_numpy(qw.scales)).astype(self.dtype)  # fp16 -> the file dtype: exact
+        s = np.asarray(backend.to_numpy(qw.scales)).astype(scale_dtype)  # from float16: exact
         k, n = qw.in_features, qw.out_features
         if qw.group_size is None:
             if transposed:
@@ -139,6 +146,8 @@ def _ints(g: Any, name: str) -> list[int] | None:
 def _apply(node: Any, g: Any, arrays: list[np.ndarray]) -> list[np.ndarray] | None:
     """The same Transpose / Reshape / Slice on each array; None when an argument is not constant."""
     t = node.op_type
+    if t == "Cast":  # the int8 values and scales stay what they are; fold_dq applies the type
+        return arrays
     if t == "Transpose":
         perm = _attr(node, "perm", None)
         return [a.transpose(perm) if perm else a.T for a in arrays]
@@ -166,9 +175,9 @@ def _apply(node: Any, g: Any, arrays: list[np.ndarray]) -> list[np.ndarray] | No
 
 def fold_dq(g: Any, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, int | None] | None:
     """(float value, int8 value, scale, group hint) of `name` when it is a DequantizeLinear of an int8
-    initializer with a per-axis constant scale and no (or a zero) zero point, seen through at most 4
-    Transpose / Reshape / Slice nodes; the int8 value and the scale are given element by element, in the
-    value's shape; the hint is 128 for the group-wise reshape form (rows of 128 int8 values, one scale
+    initializer with a per-axis constant scale and no (or a zero) zero point, seen through at most 5
+    Transpose / Reshape / Slice / Cast nodes; the int8 value and the scale are given element by element,
+    in the value's shape; the hint is 128 for the group-wise reshape form (rows of 128 int8 values, one scale
     each), else None. None otherwise (per-tensor or blocked scales included: those stay on the float /
     executor paths)."""
     chain = []
@@ -179,7 +188,7 @@ def fold_dq(g: Any, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, int 
             return None
         if p.op_type == "DequantizeLinear":
             break
-        if p.op_type not in ("Transpose", "Reshape", "Slice") or not p.input:
+        if p.op_type not in ("Transpose", "Reshape", "Slice", "Cast") or not p.input:
             return None
         chain.append(p)
         cur = p.input[0]
@@ -208,7 +217,15 @@ def fold_dq(g: Any, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, int 
             return None
     q, sc = arrays
     hint = GROUP if chain and axis % x.ndim == 0 and x.ndim == 2 and x.shape[1] == GROUP else None
-    return (q.astype(np.float32) * sc.astype(np.float32)).astype(s.dtype), q, sc, hint
+    out = s.dtype
+    casts = [c for c in chain if c.op_type == "Cast"]
+    if casts:  # the nearest Cast to the consumer says the value's type
+        import onnx
+
+        out = onnx.helper.tensor_dtype_to_np_dtype(_attr(casts[0], "to", 1))
+        if np.dtype(out).kind != "f":
+            return None
+    return (q.astype(np.float32) * sc.astype(np.float32)).astype(out), q, sc, hint
 
 
 def quantized_from(

@@ -47,6 +47,17 @@ def _token_id(tok: Any, token: Any) -> int | None:
     return tok.token_to_id(token) if isinstance(token, str) else None
 
 
+def pad_sequences(sequences: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """(input_ids, attention_mask), int64 (B, longest): token-id lists right-padded with pad_id."""
+    longest = max((len(s) for s in sequences), default=0)
+    ids = np.full((len(sequences), longest), pad_id, dtype=np.int64)
+    mask = np.zeros((len(sequences), longest), dtype=np.int64)
+    for i, s in enumerate(sequences):
+        ids[i, : len(s)] = s
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
 class Tokenizer:
     """A `tokenizers.Tokenizer` with batch padding to NumPy arrays.
 
@@ -91,14 +102,7 @@ class Tokenizer:
 
     def pad(self, sequences: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
         """(input_ids, attention_mask), int64 (B, longest), right-padded with pad_token_id (0 without one)."""
-        longest = max((len(s) for s in sequences), default=0)
-        pad = self.pad_token_id if self.pad_token_id is not None else 0
-        ids = np.full((len(sequences), longest), pad, dtype=np.int64)
-        mask = np.zeros((len(sequences), longest), dtype=np.int64)
-        for i, s in enumerate(sequences):
-            ids[i, : len(s)] = s
-            mask[i, : len(s)] = 1
-        return ids, mask
+        return pad_sequences(sequences, self.pad_token_id if self.pad_token_id is not None else 0)
 
     def __call__(self, texts: str | list[str]) -> tuple[np.ndarray, np.ndarray]:
         """(input_ids, attention_mask) of a text or a batch of texts, padded to the longest."""
@@ -189,13 +193,7 @@ class ByteTokenizer:
 
     def pad(self, sequences: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
         """(input_ids, attention_mask), int64 (B, longest), right-padded with end-of-text."""
-        longest = max((len(s) for s in sequences), default=0)
-        ids = np.full((len(sequences), longest), self.EOT, dtype=np.int64)
-        mask = np.zeros((len(sequences), longest), dtype=np.int64)
-        for i, s in enumerate(sequences):
-            ids[i, : len(s)] = s
-            mask[i, : len(s)] = 1
-        return ids, mask
+        return pad_sequences(sequences, self.EOT)
 
     def __call__(self, texts: str | list[str]) -> tuple[np.ndarray, np.ndarray]:
         return self.pad(self.encode_batch([texts] if isinstance(texts, str) else texts))

@@ -39,6 +39,7 @@ from rawformer.models.common import (
     random_weights,
 )
 from rawformer.models.config import GPT2Config
+from rawformer.models.int8_kv import int8_kv_attention, uses_int8_kv
 
 import rawformer as rf
 
@@ -132,15 +133,19 @@ class GPT2Model:
         t = int(batch.tokens.shape[0])
         nh, hd, eps = cfg.n_head, cfg.head_dim, cfg.layer_norm_epsilon
         plan = plan_step(batch, arena.k(0).shape[1], self.xp)
+        int8_kv = uses_int8_kv(arena)
 
         x = self.wte[batch.tokens] + self.wpe[batch.positions]  # (T, H)
         h = rf.layer_norm(x, *self.blocks[0].ln_1, eps)
         for layer, blk in enumerate(self.blocks):
             qkv = linear(h, *blk.c_attn).reshape(t, 3, nh, hd)  # (T, 3, nh, hd)
             q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]  # (T, nh, hd) strided views
-            kc, vc = arena.k(layer), arena.v(layer)
-            rf.kv_write(k, v, kc, vc, batch.slot_mapping)
-            a = decoder_attention(q, k, v, batch, plan, kc, vc)  # (T, nh, hd)
+            if int8_kv:  # an Int8KVArena: quantize into the cache and attend (models/int8_kv.py)
+                a = int8_kv_attention(q, k, v, batch, plan, arena, layer)  # (T, nh, hd)
+            else:
+                kc, vc = arena.k(layer), arena.v(layer)
+                rf.kv_write(k, v, kc, vc, batch.slot_mapping)
+                a = decoder_attention(q, k, v, batch, plan, kc, vc)  # (T, nh, hd)
             a = linear(a.reshape(t, nh * hd), *blk.attn_proj)
             h, x = rf.add_layer_norm(a, x, *blk.ln_2, eps)  # x = x + a; h = ln_2(x)
             m = rf.gelu(linear(h, blk.c_fc[0]), blk.c_fc[1], approximate=cfg.gelu_approximate)  # (T, inner)

@@ -42,6 +42,7 @@ from rawformer.models.common import (
     stacked_linear_weight,
 )
 from rawformer.models.config import LlamaConfig, llama_inv_freq
+from rawformer.models.int8_kv import int8_kv_attention, uses_int8_kv
 
 import rawformer as rf
 
@@ -148,6 +149,7 @@ class LlamaModel:
         t = int(batch.tokens.shape[0])
         nh, nkv, d, eps = cfg.num_attention_heads, cfg.kv_heads, self.head_dim, cfg.rms_norm_eps
         plan = plan_step(batch, arena.k(0).shape[1], self.xp)
+        int8_kv = uses_int8_kv(arena)
 
         x = self.embed[batch.tokens]  # (T, H)
         h = rf.rms_norm(x, self.blocks[0].ln_1, eps)
@@ -156,11 +158,16 @@ class LlamaModel:
             q = qkv[:, : nh * d].reshape(t, nh, d)  # (T, nh, d) views of qkv
             k = qkv[:, nh * d : (nh + nkv) * d].reshape(t, nkv, d)  # (T, nkv, d)
             v = qkv[:, (nh + nkv) * d :].reshape(t, nkv, d)
-            kc, vc = arena.k(layer), arena.v(layer)
-            q, k = rf.rope_kv_write(
-                q, k, v, batch.positions, kc, vc, batch.slot_mapping, inv_freq=self.inv_freq
-            )
-            a = decoder_attention(q, k, v, batch, plan, kc, vc)  # (T, nh, d)
+            if int8_kv:  # an Int8KVArena: rotate, then quantize into the cache and attend (models/int8_kv.py)
+                q = rf.rope(q, batch.positions, inv_freq=self.inv_freq)
+                k = rf.rope(k, batch.positions, inv_freq=self.inv_freq)
+                a = int8_kv_attention(q, k, v, batch, plan, arena, layer)  # (T, nh, d)
+            else:
+                kc, vc = arena.k(layer), arena.v(layer)
+                q, k = rf.rope_kv_write(
+                    q, k, v, batch.positions, kc, vc, batch.slot_mapping, inv_freq=self.inv_freq
+                )
+                a = decoder_attention(q, k, v, batch, plan, kc, vc)  # (T, nh, d)
             a = linear(a.reshape(t, nh * d), blk.w_o, blk.b_o)  # (T, H)
             h, x = rf.add_rms_norm(a, x, blk.ln_2, eps)  # x = x + a; h = rms_norm(x)
             g = linear_swiglu(h, blk.w_gate, blk.w_up, blk.b_gate, blk.b_up)  # (T, I)

@@ -14,25 +14,12 @@ import urllib.request
 
 import numpy as np
 import pytest
+from rawformer.export.tokenizer import ByteTokenizer
 from rawformer.models import GPT2Config, init_random
 
 from rawformer import cli, demo
 from rawformer.commands import COMMANDS, plan
 from rawformer.commands._model import preset_config
-
-try:
-    from rawformer.export.tokenizer import ByteTokenizer
-except ImportError:  # until the training engineer's ByteTokenizer lands
-
-    class ByteTokenizer:  # type: ignore[no-redef]
-        eos_token_id = 256
-        vocab_size = 257
-
-        def encode(self, text):
-            return list(text.encode())
-
-        def decode(self, ids):
-            return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
 
 def test_dispatcher_lists_the_installed_commands(capsys):

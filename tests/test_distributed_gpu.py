@@ -27,11 +27,16 @@ def _run(
         pytest.skip("no mpiexec / mpirun on this machine")
     # Open MPI refuses root without these; NVLink multicast stays off on the GPU machines
     env = dict(
-        os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", NCCL_NVLS_ENABLE="0"
-    )
-    proc = subprocess.run([exe, "-n", "1", sys.executable, *args], capture_output=True, text=True,
+        os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", NCCL_NVLS_ENABLE="0",
+        **extra,
+    )  # fmt: skip
+    proc = subprocess.run([exe, "-n", str(ranks), sys.executable, *args], capture_output=True, text=True,
                           timeout=timeout, cwd=cwd, env=env)  # fmt: skip
-    assert proc.returncode == 0, f"{args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    tail = (proc.stdout + proc.stderr).splitlines()
+    errors = [ln for ln in tail if "Error" in ln or "error" in ln][
+        -20:
+    ]  # the traceback, not mpiexec's footer
+    assert proc.returncode == 0, f"{args} failed:\n" + "\n".join(errors) + "\n" + proc.stderr[-2000:]
     return proc
 
 

@@ -402,7 +402,7 @@ def test_bench_cpu_table_and_verdicts(capsys):
     assert [v.status for v in vs] == ["PASS", "PASS", "FAIL"]  # the verdicts judge the default kernel only
     assert [name for name, _ in b.kernel_variants("default")] == ["default"]
     sweep = b.kernel_variants("all")
-    assert sweep[1] == ("v1", {"version": 1}) and len(sweep) == 2 + len(mla_op.V2_CONFIGS)
+    assert sweep[1] == ("v1", {"version": 1}) and len(sweep) == 4 + len(mla_op.V2_CONFIGS)
 
 
 @pytest.mark.parametrize(
@@ -499,18 +499,21 @@ def test_gpu_mla_decode_v2_configs(cp, rng, config, seqs, q_len, heads, ctx, bs,
 
 @pytest.mark.gpu
 def test_gpu_mla_decode_v2_pdl_chain_and_default(cp, rng):
-    """Back-to-back launches (v2 and its combine go out with programmatic dependent launch on sm_90): a
-    producer kernel writes q right before each call, so a missing pdl_wait would read stale queries."""
+    """The default path (v2, auto splits: main kernel and combine launched with programmatic dependent
+    launch on sm_90) chained: call 2 reads call 1's output as its query, so call 2's main kernel (which may
+    start while call 1's combine still runs) must wait in rf::pdl_wait for it."""
     qa, qr, data, tables, ctx = paged_case(rng, 4, 1, 16, 512, 64, [3000, 17, 900, 1], 64, np.float16)
     g = cp.asarray(data)
     lat, rop, t, c = g[..., :512], g[..., 512:], cp.asarray(tables), cp.asarray(ctx)
-    ref = mla_decode_ref(qa, qr, data[..., :512], data[..., 512:], tables, ctx, 0.07)
-    qa_g, qr_g = cp.asarray(qa), cp.asarray(qr)
-    for _ in range(3):
-        q1 = qa_g * cp.float16(1)  # a fresh producer kernel on the stream
-        got = mla_decode(q1, qr_g, lat, rop, t, c, scale=0.07, check=False)  # default: v2, splits
-        assert_close(got, ref, np.float16, "mla_decode default version after a producer", rtol=1e-2)
-    assert mla_op.DEFAULT_VERSION == 2
+    qr_g = cp.asarray(qr)
+    for _ in range(2):
+        q1 = cp.asarray(qa) * cp.float16(4)  # a producer kernel right before call 1
+        got1 = mla_decode(q1, qr_g, lat, rop, t, c, scale=0.07, check=False)
+        got2 = mla_decode(got1, qr_g, lat, rop, t, c, scale=0.07, check=False)
+        ref1 = mla_decode_ref(qa * np.float16(4), qr, data[..., :512], data[..., 512:], tables, ctx, 0.07)
+        ref2 = mla_decode_ref(cp.asnumpy(got1), qr, data[..., :512], data[..., 512:], tables, ctx, 0.07)
+        assert_close(got1, ref1, np.float16, "mla_decode call 1 (default version)", rtol=1e-2)
+        assert_close(got2, ref2, np.float16, "mla_decode call 2 (query = call 1's output)", rtol=1e-2)
 
 
 @pytest.mark.gpu
@@ -531,12 +534,13 @@ def test_gpu_model_matches_transformers(cp, dtype):
     n = len(PROMPT)
     if dtype == np.float32:
         assert toks == REF["generated"].tolist()
-    # fp16: the tiny random model's logits (~0.04) are sums of O(1) fp16 terms that cancel, and its routing
-    # has near-ties that fp16 can flip: measured 11% at the worst logit on the H100 (fp32 agrees to 1e-6)
-    tol = 1e-3 if dtype == np.float32 else 0.15
-    assert_close(rows[:1], REF["logits"][-1:], np.float32, "GPU logits", rtol=tol)
     if dtype == np.float32:
-        assert_close(rows[:-1], REF["full_logits"][n - 1 : n - 1 + len(toks)], np.float32, "GPU decode", tol)
+        assert_close(rows[:1], REF["logits"][-1:], np.float32, "GPU logits", rtol=1e-3)
+    else:  # fp16: measured max |err| / max |logit| = 1.2e-3 on the H100 (single logits near 0 differ more)
+        err = np.abs(rows[:1] - REF["logits"][-1:]).max() / np.abs(REF["logits"][-1:]).max()
+        assert err < 5e-3, f"fp16 GPU logits: max error {err:.2e} of max |logit|"
+    if dtype == np.float32:
+        assert_close(rows[:-1], REF["full_logits"][n - 1 : n - 1 + len(toks)], np.float32, "GPU decode", 1e-3)
 
 
 @pytest.mark.gpu

@@ -2,10 +2,11 @@
 
 CPU: the quantization rule against a literal per-channel loop, round-trip error bounds, the int8 -> float
 trick the kernels use (every byte value), the float64 reference, argument errors, the instantiation list,
-and quantized models against a twin built from the dequantized matrices. GPU: every GEMV version, every token
-count 1..8 and 9+ (several launches), channel and group-wise, fp16 and fp32, odd K and N, bias, poisoned
-outputs, against the float64 NumPy reference of the dequantized math; the dequant kernel (exact); the GEMM
-path; quantized models on the GPU."""
+and quantized models against a twin built from the dequantized matrices. GPU: every GEMV version (plain and
+DUAL), every token count 1..8 and 9+ (several launches), channel and group-wise, fp16 and fp32, odd K and N,
+bias, poisoned outputs, against the float64 NumPy reference of the dequantized math; the dequant kernel
+(exact); the GEMM path; a PDL chain (eager and CUDA graph) against plain launches; quantized models on the
+GPU."""
 
 from __future__ import annotations
 
@@ -185,9 +186,22 @@ def test_instantiations_cover_every_launch():
             assert quant.dequant_expression(dtype, group) in exprs
             for tokens in range(1, quant.GEMV_MAX_TOKENS + 1):
                 for version in quant.GEMV_VERSIONS:
-                    assert quant.gemv_expression(dtype, tokens, group, version) in exprs
-                assert quant.gemv_expression(dtype, tokens, group, quant.DEFAULT_GEMV_VERSION, True) in exprs
+                    for dual in (False, True):
+                        assert quant.gemv_expression(dtype, tokens, group, version, dual) in exprs
+    # M is compiled for 1, 2, 4, 8 only: 2 dtypes x 2 groupings x 4 x 3 versions x (plain, DUAL) + 4 dequant
+    assert len(exprs) == len(quant._instantiations()) == 2 * 2 * (4 * 3 * 2 + 1)
     assert "int8_gemv" in rf.kernels.modules.registered_families()
+
+
+def test_gemv_tokens_and_default_version():
+    assert [quant.gemv_tokens(m) for m in range(1, 9)] == [1, 2, 4, 4, 8, 8, 8, 8]
+    assert "int8_gemv<__half, 4, 128, 1, 8, 8, true>" == quant.gemv_expression(F16, 3, 128, 3, True)
+    # v3 (a row of K <= 4096 in flight per warp) but for large matrices, where v1 measured best
+    assert quant.default_gemv_version(4096, 4096) == 3
+    assert quant.default_gemv_version(2048, 32000) == 3
+    assert quant.default_gemv_version(11008, 4096) == 3
+    assert quant.default_gemv_version(8192, 28672) == 1
+    assert quant.default_gemv_version(28672, 8192) == 1
 
 
 # ---- models ------------------------------------------------------------------------------------------------
@@ -290,7 +304,19 @@ def test_quantized_logits_close_to_float():
 
 # ---- GPU: kernels against the float64 reference ------------------------------------------------------------
 
-SHAPES = [(16, 1), (48, 33), (1000, 97), (4096, 256), (11, 5), (333, 130), (1040, 129)]  # (K, N)
+# (K, N): odd sizes, K < 16 * 32 (lanes without a chunk), v2's two 2048-wide steps with a partial third
+# (4200), v3's 4096-wide step exactly (4096) and with a partial second step (5000)
+SHAPES = [
+    (16, 1),
+    (48, 33),
+    (1000, 97),
+    (4096, 256),
+    (11, 5),
+    (333, 130),
+    (1040, 129),
+    (4200, 19),
+    (5000, 67),
+]
 
 
 def gpu_case(cp, rng, k, n, group, dtype, bias=True):
@@ -328,16 +354,18 @@ def test_gpu_gemv_every_token_count(cp, rng, version, group, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("version", [None, *quant.GEMV_VERSIONS])
 @pytest.mark.parametrize("group", [None, 128])
 @pytest.mark.parametrize("dtype", [F16, F32])
-def test_gpu_fused_swiglu(cp, rng, group, dtype):
-    """The DUAL kernel (every token count, odd shapes) and the GEMM path against the float64 reference."""
+def test_gpu_fused_swiglu(cp, rng, version, group, dtype):
+    """The DUAL kernel of every version (every token count, odd shapes) and, above 16 rows, the GEMM path
+    against the float64 reference."""
     for k, n in SHAPES:
         qg, bg = gpu_case(cp, rng, k, n, group, dtype)
         qu, bu = gpu_case(cp, rng, k, n, group, dtype, bias=n % 2 == 0)
-        for m in (1, 2, 3, 4, 5, 6, 7, 8, 11, 40):
+        for m in (1, 2, 3, 4, 5, 6, 7, 8, 11) if version else (1, 3, 8, 40):
             x = cp.asarray(rng.standard_normal((m, k)).astype(dtype))
-            y = rf.int8_linear_swiglu(x, qg, qu, bg, bu)
+            y = rf.int8_linear_swiglu(x, qg, qu, bg, bu, version=version)
             assert y.dtype == dtype and y.shape == (m, n)
             ref = int8_linear_swiglu_ref(x, qg, qu, bg, bu)
             # the GEMM path rounds the two projections to x's dtype before rf.swiglu: twice the fp16 error
@@ -387,6 +415,59 @@ def test_gpu_poisoned_output_and_odd_layouts(cp, rng):
 
 
 @pytest.mark.gpu
+def test_gpu_pdl_chain_matches_plain_launches(cp, rng, monkeypatch):
+    """Chained INT8 GEMVs of every version and the DUAL kernel, each reading what the kernel before it just
+    wrote (PDL launches: a pdl_wait placed too late would read a stale or NaN x), eager and replayed in a
+    CUDA graph over NaN-filled outputs, equal the same chain launched plainly (RAWFORMER_PDL=0) bit for bit;
+    the dequant kernel (GEMM path) is in the chain too."""
+    from rawformer.kernels import gemm
+
+    k, i = 2048, 1376
+
+    def qweight(kk, nn, group):
+        return rf.quantize_int8(cp.asarray(rng.standard_normal((kk, nn)) / np.sqrt(kk)), group_size=group)
+
+    square = [qweight(k, k, g) for g in (None, 128)]
+    gate, up, down = qweight(k, i, None), qweight(k, i, None), qweight(i, k, 128)
+    x = cp.asarray(rng.standard_normal((1, k)).astype(F16))
+    x17 = cp.asarray(rng.standard_normal((17, k)).astype(F16))
+
+    def chain():
+        h = x
+        for v in quant.GEMV_VERSIONS:
+            for qw in square:
+                h = rf.int8_linear(h, qw, version=v)
+            g = rf.int8_linear_swiglu(h, gate, up, version=v)
+            h = rf.int8_linear(g, down, version=v)
+        return h, rf.int8_linear(x17 + h, square[0], path="gemm")
+
+    monkeypatch.setenv("RAWFORMER_PDL", "0")
+    want = [cp.asnumpy(t) for t in chain()]
+    assert all(np.isfinite(w).all() and np.abs(w).max() > 0 for w in want)
+    monkeypatch.setenv("RAWFORMER_PDL", "1")
+    for _ in range(3):
+        nan_blocks = [cp.full((1, s), np.nan, dtype=F16) for s in (k, i) for _ in range(4)]
+        del nan_blocks  # NaN pool blocks of the chain's sizes, handed back to its empty() calls
+        got = [cp.asnumpy(t) for t in chain()]
+        for g, w in zip(got, want, strict=True):
+            assert np.array_equal(g, w)
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        gemm.prepare()
+        chain()
+        stream.begin_capture()
+        outs = chain()
+        graph = stream.end_capture()
+        for _ in range(3):
+            for o in outs:
+                o.fill(np.nan)
+            graph.launch(stream)
+            stream.synchronize()
+            for o, w in zip(outs, want, strict=True):
+                assert np.array_equal(cp.asnumpy(o), w)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("mode", ["int8", "int8-g128"])
 @pytest.mark.parametrize("cfg", [LLAMA_TINY, GPT2_TINY], ids=["llama", "gpt2"])
 def test_gpu_quantized_model_equals_twin(cp, cfg, mode):
@@ -428,9 +509,19 @@ def test_bench_quant_verdicts_and_report(tmp_path):
     for r in (runs["fp16"], runs["int8"]):
         r.update(weight_bytes=1e9, roofline_tok_s=3000.0, greedy_agree_steps=8,
                  first_tokens=[[1] * 8])  # fmt: skip
+    runs["fp16"].update(step_ms=1.0, gemv_ms=0.7, rest_ms=0.3, gemv_gbps=1429.0, roofline_ms=0.667)
+    runs["int8"].update(step_ms=0.714, gemv_ms=0.4, rest_ms=0.314, gemv_gbps=2500.0, roofline_ms=0.333)
+    gap = bq.gap_lines(e2e)
+    assert gap[0] == "- fp16 step 1.000 ms = projections 0.700 ms + rest 0.300 ms (30% of the step)"
+    # 1.5x needs a 0.667 ms step; with the int8 rest of 0.314 ms the projections get 0.353 ms = 2,836 GB/s
+    assert "needs a 0.667 ms step" in gap[1] and "projections of 0.353 ms (2,836 GB/s" in gap[1]
+    runs["int8"]["rest_ms"] = 0.7
+    assert "impossible" in bq.gap_lines(e2e)[1]
+    runs["int8"]["rest_ms"] = 0.314
     bq.write_results({"gpu": "test"}, records, e2e, verdicts + ev, tmp_path)
     md = (tmp_path / "quant.md").read_text()
     assert "cublas_fp16 / INT8 = 1.81x" in md and "## ACCEPTANCE" in md and "| int8 |" in md
+    assert "| 0.714 | 0.400 (2,500) | 0.314 |" in md and gap[1] in md
 
 
 def test_bench_accuracy_metrics():

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from graph_standin import ReplayCapture
 from rawformer.models import BertConfig, GPT2Config, LlamaConfig, init_random
 
 from rawformer.memory import KVArena, KVPool, OutOfBlocks, SequenceTooLong
@@ -396,28 +397,6 @@ def test_repetition_penalty_in_generation_matches_a_loop():
 
 
 # ---- CUDA-graph bookkeeping (a stand-in backend on the CPU) --------------------------------------------
-
-
-class ReplayCapture:
-    """Stands in for CupyCapture: 'capturing' runs the step twice (warm-up, capture) and keeps the output
-    array; a 'launch' recomputes the step into that same array, as a graph writes its output buffer."""
-
-    def __init__(self):
-        self.released = 0
-        self.outputs = {}
-
-    def capture(self, step):
-        step()
-        out = step()
-        self.outputs[id(step)] = out
-        return step, out, None
-
-    def launch(self, graph):
-        self.outputs[id(graph)][...] = graph()
-
-    def release(self, graph, mempool):
-        self.released += 1
-        del self.outputs[id(graph)]
 
 
 def test_bucket_for():

@@ -13,6 +13,8 @@ import threading
 
 import numpy as np
 import pytest
+from graph_standin import ReplayCapture
+from rawformer.export.tokenizer import ByteTokenizer
 from rawformer.models import GPT2Config, LlamaConfig, init_random
 
 from rawformer.memory import KVArena, KVPool, SequenceTooLong
@@ -21,21 +23,6 @@ from rawformer.runtime.adaptive import AdaptiveBatcher
 from rawformer.runtime.engine import Engine, EngineClosed, QueueFull
 from rawformer.runtime.metrics import Histogram, prometheus_text
 from rawformer.runtime.scheduler import Scheduler, _hold_back, water_fill
-
-try:
-    from rawformer.export.tokenizer import ByteTokenizer
-except ImportError:  # until the training engineer's ByteTokenizer lands
-
-    class ByteTokenizer:  # type: ignore[no-redef]
-        eos_token_id = 256
-        vocab_size = 257
-
-        def encode(self, text):
-            return list(text.encode())
-
-        def decode(self, ids):
-            return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
-
 
 STD = 0.3  # peaked logits: greedy choices far from ties
 GPT2_TINY = GPT2Config(vocab_size=97, n_positions=64, n_embd=32, n_layer=2, n_head=4)
@@ -82,25 +69,6 @@ def drain(sch, check=True, limit=10_000):
         if check:
             sch.pool.check()
     raise AssertionError("the scheduler did not finish in time")
-
-
-class ReplayCapture:
-    """A stand-in for CupyCapture (as in test_runtime): a 'graph' recomputes its step into its output."""
-
-    def __init__(self):
-        self.outputs = {}
-
-    def capture(self, step):
-        step()
-        out = step()
-        self.outputs[id(step)] = out
-        return step, out, None
-
-    def launch(self, graph):
-        self.outputs[id(graph)][...] = graph()
-
-    def release(self, graph, mempool):
-        del self.outputs[id(graph)]
 
 
 # ---- greedy equality under every schedule --------------------------------------------------------------

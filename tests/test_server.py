@@ -15,6 +15,7 @@ import time
 
 import numpy as np
 import pytest
+from rawformer.export.tokenizer import ByteTokenizer
 from rawformer.models import GPT2Config, init_random
 
 from rawformer.runtime import generate
@@ -22,21 +23,6 @@ from rawformer.runtime.engine import Engine
 
 aiohttp = pytest.importorskip("aiohttp")
 from rawformer.server import Server, chat_prompt  # noqa: E402
-
-try:
-    from rawformer.export.tokenizer import ByteTokenizer
-except ImportError:  # until the training engineer's ByteTokenizer lands
-
-    class ByteTokenizer:  # type: ignore[no-redef]
-        eos_token_id = 256
-        vocab_size = 257
-
-        def encode(self, text):
-            return list(text.encode())
-
-        def decode(self, ids):
-            return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
-
 
 CFG = GPT2Config(vocab_size=257, n_positions=512, n_embd=32, n_layer=2, n_head=4)
 TIMEOUT = aiohttp.ClientTimeout(total=45)

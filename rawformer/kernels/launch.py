@@ -37,7 +37,9 @@ def launch(
     Python ints and floats in `args` must already be typed (np.int32 / np.int64 / np.float32): CuPy passes
     them by their NumPy type, and a mismatch with the kernel signature would be silent garbage.
     `pdl=True` (for kernels that call rf::pdl_wait before touching what earlier kernels write) launches
-    with programmatic stream serialization where the device supports it (rawformer.kernels.pdl).
+    with programmatic stream serialization where the device supports it, while a CUDA graph is being
+    captured (rawformer.kernels.pdl: replays are where the overlap pays; an eager launch through ctypes
+    would cost more host time than it saves).
     """
     for a in args:
         if isinstance(a, (bool, int, float)):
@@ -49,7 +51,7 @@ def launch(
     cp = backend.require_cupy()
     if not debug_enabled():
         try:
-            if pdl and _pdl.enabled():
+            if pdl and _pdl.enabled() and _pdl.capturing():
                 _pdl.launch_pdl(kernel, grid, block, args, shared_mem)
                 return
             kernel(grid, block, args, shared_mem=shared_mem)

@@ -23,7 +23,7 @@ import numpy as np
 
 from rawformer import backend
 
-__all__ = ["enabled", "launch_pdl"]
+__all__ = ["capturing", "enabled", "launch_pdl"]
 
 _ATTR_PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CUlaunchAttributeID
 
@@ -82,6 +82,13 @@ def enabled() -> bool:
     if os.environ.get("RAWFORMER_PDL", "1") == "0":
         return False
     return _device_ok(backend.require_cupy().cuda.Device().id)
+
+
+def capturing() -> bool:
+    """Whether CuPy's current stream is capturing a CUDA graph (PDL is used only then: see launch.py)."""
+    cp = backend.require_cupy()
+    ptr = cp.cuda.get_current_stream().ptr
+    return bool(ptr) and bool(cp.cuda.runtime.streamIsCapturing(ptr))
 
 
 def _arg(a: Any) -> ctypes._SimpleCData:

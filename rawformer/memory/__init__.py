@@ -14,6 +14,7 @@ from rawformer.memory.allocator import BlockAllocator
 from rawformer.memory.arena import KVArena
 from rawformer.memory.batch import AttentionBatch
 from rawformer.memory.errors import MemoryPoolError, OutOfBlocks, SequenceTooLong, UnknownSequence
+from rawformer.memory.int8_arena import Int8KVArena
 from rawformer.memory.latent import LatentArena
 from rawformer.memory.pool import KVPool, PoolStats
 from rawformer.memory.prefix import PrefixCache, block_key
@@ -26,6 +27,7 @@ __all__ = [
     "BlockAllocator",
     "BlockTable",
     "KVArena",
+    "Int8KVArena",
     "KVPool",
     "LatentArena",
     "MemoryPoolError",

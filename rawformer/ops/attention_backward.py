@@ -18,7 +18,8 @@ and dtypes of q, k, v. No seq_q x seq_k buffer is ever made on the GPU: P is rec
 
 Arrays run where they live: NumPy inputs run the float64 reference `attention_backward_ref`; CuPy inputs run
 `cuda_src/attention_backward.cu`:
-    preprocess  D = rowsum(dout * out) in fp32 (layout of lse) and a zeroed fp32 dq accumulator
+    preprocess  D = rowsum(dout * out) in fp32 (layout of lse) and a zeroed fp32 dq accumulator (8 lanes
+                per row, 16-byte accesses)
     v1          SIMT: one block per (16-key tile, kv head, sequence), fp32 tiles in shared memory;
                 loops over the group's q heads and the visible query tiles; dk / dv accumulated in shared
                 memory and written once; dq added into the fp32 accumulator with atomics. Any dtype, D <= 256
@@ -31,7 +32,9 @@ Arrays run where they live: NumPy inputs run the float64 reference `attention_ba
     v4          the v2 kernel with 8 warps: 128 keys per block (1 block of 8 warps per SM by registers), so
                 each query tile's dQ is computed over twice as many keys per atomic pass (half the dq atomics
                 of v2), and on sm_90 dQ is added with 16-byte vector reductions (red.global.add.v4.f32: a
-                quarter of v2's atomic instructions); query tiles of 64 (D = 64) / 16 (D = 128) rows
+                quarter of v2's atomic instructions); query tiles of 64 (D = 64) / 16 (D = 128) rows.
+                Blocks start longest first under causal (key tile slowest in launch order) and each starts
+                its query tiles at a different one (co-resident blocks of a head hit different dq rows)
     convert     dq = accumulator cast to q's dtype (the scale folded in)
 Default: v4 where it applies (`_DEFAULT_TC`), else v1. bench/train_kernels.py times the default
 ("rawformer"), v2 ("rf-v2"), v3 ("rf-v3") and v1 ("rf-v1") against torch's flash backward. H100, GPT-2 small
@@ -76,7 +79,8 @@ _TC_BM = {
 }
 _V2_BM = _TC_BM[2]  # head dims the tensor-core versions take
 _DEFAULT_TC = 4  # the tensor-core version used when version=None (fp16, D in _V2_BM)
-_PRE_THREADS = 128
+_PRE_THREADS, _PRE_LANES = 128, 8  # preprocess: threads per block, lanes per (token, head) row
+_CONVERT_THREADS = 256  # convert: 4 elements per thread
 _MAX_GRID_YZ = 65535
 
 
@@ -355,12 +359,16 @@ def _run_gpu(
         cu_q32 = cu_k32 = _NULL
     if q.size == 0 or batch == 0 or s_q == 0 or s_k == 0:
         dq = cp.zeros(q.shape, dtype=q.dtype)
-        dk_out.fill(0), dv_out.fill(0)
+        dk_out.fill(0)
+        dv_out.fill(0)
         return dq, dk_out[..., :d], dv_out[..., :d]
 
-    # Contiguous operands (one copy where needed), zero-padded to the compiled head dim for v1.
+    # Contiguous, 16-byte aligned operands (one copy where needed: the kernels read 16-byte vectors),
+    # zero-padded to the compiled head dim for v1.
     def prep(a: Any) -> Any:
         a = cp.ascontiguousarray(a)
+        if a.data.ptr % 16:
+            a = a.copy()
         if dp != d:
             padded = cp.zeros(a.shape[:-1] + (dp,), dtype=a.dtype)
             padded[..., :d] = a
@@ -372,12 +380,12 @@ def _run_gpu(
     rows = q.shape[0] if varlen else batch * s_q  # token rows of q
     dq_acc = cp.empty((rows, h_q, dp), dtype=cp.float32)
     delta = cp.empty(lse32.shape, dtype=cp.float32)
-    # preprocess: one warp per (token, head) row
+    # preprocess: _PRE_LANES lanes per (token, head) row
     pairs = rows * h_q
-    warps = _PRE_THREADS // 32
+    per_block = _PRE_THREADS // _PRE_LANES
     launch(
         get_function(_FAMILY, _pre_expr(q.dtype)),
-        (-(-pairs // warps),),
+        (-(-pairs // per_block),),
         (_PRE_THREADS,),
         (oc, doc, delta, dq_acc, i32(rows), i32(h_q), i32(dp), i32(0 if varlen else s_q), i32(int(varlen))),
         bytes_moved=2 * oc.nbytes + 4 * dq_acc.size,
@@ -402,8 +410,8 @@ def _run_gpu(
     dq = cp.empty(qc.shape, dtype=q.dtype)
     launch(
         get_function(_FAMILY, _convert_expr(q.dtype)),
-        (-(-dq.size // 256),),
-        (256,),
+        (-(-dq.size // (4 * _CONVERT_THREADS)),),
+        (_CONVERT_THREADS,),
         (dq_acc, dq, np.int64(dq.size), np.float32(sc)),
         bytes_moved=4 * dq.size + dq.nbytes,
     )

@@ -34,7 +34,8 @@ GPU (impl="cuda"): float16 with (R, Dr) = (512, 64) (DeepSeek-V2 / V3) runs cuda
         `tile_config=` takes any of V2_CONFIGS (bench/mla.py measures them all).
     Split-KV: with C = num_seqs x row chunks CTAs and S SMs, no split when C >= S; else about S / C splits
     (v2: (resident CTAs per SM x S) / C; at least 256 positions each, multiples of the tile); partials in
-    float32 + base-2 log-sum-exp, merged by mla_decode_combine.
+    float32 (v1) / float16 (v2, each normalised by its own sum) + base-2 log-sum-exp, merged by
+    mla_decode_combine / mla_decode_combine_h.
 Other dtypes / dims on the GPU run the same maths as the reference in float32 with CuPy (gather + matmul): a
 correct, slower path for small models and tests.
 """
@@ -170,7 +171,8 @@ def _instantiations() -> list[str]:
     v1 = [(*c, _STAGES) for c in (_SMALL, _LARGE)]
     exprs = [_expr(1, r, dr, c) for r, dr in _KERNEL_DIMS for c in v1]
     exprs += [_expr(2, r, dr, c) for r, dr in _KERNEL_DIMS for c in V2_CONFIGS]
-    exprs += [f"mla_decode_combine<{r}, {_COMBINE_THREADS}>" for r, _ in _KERNEL_DIMS]
+    exprs += [f"mla_decode_combine<{r}, {_COMBINE_THREADS}>" for r, _ in _KERNEL_DIMS]  # v1: fp32 partials
+    exprs += [f"mla_decode_combine_h<{r}, {_COMBINE_THREADS}>" for r, _ in _KERNEL_DIMS]  # v2: fp16
     return exprs
 
 
@@ -367,7 +369,9 @@ def mla_decode(
     result = cp.empty((num_seqs, q_len, heads, r), dtype=np.float16)
     part_out = part_lse = None
     if splits > 1:
-        part_out = cp.empty((num_seqs, q_len, heads, splits, r), dtype=np.float32)
+        # v2 writes fp16 partials (each already normalised by its own sum): half of v1's fp32 bytes
+        part_dtype = np.float32 if ver == 1 else np.float16
+        part_out = cp.empty((num_seqs, q_len, heads, splits, r), dtype=part_dtype)
         part_lse = cp.empty((num_seqs, q_len, heads, splits), dtype=np.float32)
     e = 2  # itemsize
     launch(
@@ -388,7 +392,7 @@ def mla_decode(
     )  # fmt: skip
     if splits > 1:
         launch(
-            get_function(_FAMILY, f"mla_decode_combine<{r}, {_COMBINE_THREADS}>"),
+            get_function(_FAMILY, f"mla_decode_combine{'' if ver == 1 else '_h'}<{r}, {_COMBINE_THREADS}>"),
             (num_seqs * q_len * heads,),
             (_COMBINE_THREADS,),
             (part_out, part_lse, result, i32(splits)),

@@ -17,6 +17,11 @@ reference (`int8_linear_ref`); CuPy inputs (float16 / float32) the kernels of cu
     path "gemv"  (default for M <= GEMV_PATH_MAX_ROWS rows of x): int8_gemv, one launch per GEMV_MAX_TOKENS
                  (8) rows; weights streamed once per launch as int8, dequantized in registers, fp32
                  accumulation. Two launches (M <= 16) read fewer bytes than the GEMM path's 5 per weight.
+                 Versions (int8_gemv.cu's header): v1 one row and one 16-byte load per lane in flight, v2 two
+                 rows x 4 loads, v3 one row x 8 loads (a whole row of K <= 4096 at once); the default
+                 (`default_gemv_version`) is v3, v1 for K > 4096 with N >= V1_MIN_ROWS. Launched with
+                 programmatic dependent launch (rawformer.kernels.pdl): weight loads start before the
+                 previous kernel ends, x is read after it.
     path "gemm"  (M > GEMV_PATH_MAX_ROWS: prefill, large batches): int8_dequant writes W~^T as x's dtype into
                  a temporary (N, Kp) buffer (CuPy's pool hands the same memory back every call), then cuBLAS
                  (rawformer.kernels.gemm.matmul, capturable in CUDA graphs) reads it transposed in place.
@@ -66,12 +71,15 @@ GEMV_MAX_TOKENS = 8  # rows of x per GEMV launch (the kernels' M template argume
 # dequantize + cuBLAS GEMM (5 bytes per weight whatever M). A guess until bench/quant.py --tokens measures it.
 GEMV_PATH_MAX_ROWS = 16
 GEMV_VERSIONS = (1, 2, 3)
-DEFAULT_GEMV_VERSION = 2
-# version -> (rows per warp R, chunks in flight per lane U); see the header of int8_gemv.cu
-_GEMV_CONFIGS = {1: (1, 1), 2: (2, 4), 3: (4, 2)}
-_THREADS = 128  # kThreads in int8_gemv.cu
-_WARPS = _THREADS // 32
-_DEQUANT_THREADS = 256
+# version -> (rows per warp R, chunks in flight per lane and row U (halved for DUAL), warps per CTA W);
+# see the header of int8_gemv.cu
+_GEMV_CONFIGS = {1: (1, 1, 4), 2: (2, 4, 8), 3: (1, 8, 8)}
+GEMV_TOKENS = (1, 2, 4, 8)  # compiled token counts M; a launch of m rows uses the smallest M >= m
+# default version (`default_gemv_version`): v3 (a whole row of K <= 4096 in flight per warp, 8 loads per
+# lane) everywhere but large matrices (K > 4096 and N >= V1_MIN_ROWS), where v1's 64 resident warps per SM
+# measured best (H100: 95% of the copy ceiling at 8192x28672 and 28672x8192)
+V1_MIN_ROWS = 8192
+_DEQUANT_THREADS = 256  # int8_dequant's launch bounds
 _NULL = np.uintp(0)  # a null device pointer
 _QUANT_CHUNK_ELEMENTS = 1 << 26  # quantize this many weights at a time (bounds the float32 temporaries)
 
@@ -223,6 +231,8 @@ def quantize_int8(w: Any, *, group_size: int | None = None) -> QuantizedWeight:
         vals = xp.clip(xp.rint(grouped / safe[:, :, None]), -QMAX, QMAX).astype(np.int8)
         q[r0:r1] = vals.reshape(r1 - r0, width)[:, :kp]
         scales[r0:r1] = s16[:, 0] if group is None else s16
+    if backend.is_cupy(q):  # the kernels load q and scales before their PDL wait: q and scales must be
+        xp.cuda.get_current_stream().synchronize()  # complete before a kernel that reads them is launched
     return QuantizedWeight(q, scales, k, group)
 
 
@@ -267,9 +277,21 @@ def _group_arg(group_size: int | None) -> int:
     return 0 if group_size is None else group_size
 
 
+def gemv_tokens(rows: int) -> int:
+    """The compiled token count M (GEMV_TOKENS) a launch for `rows` (1..8) rows of x uses."""
+    return next(t for t in GEMV_TOKENS if t >= rows)
+
+
+def default_gemv_version(kp: int, n: int) -> int:
+    """The GEMV version for a padded K and N (see V1_MIN_ROWS)."""
+    return 1 if kp > 4096 and n >= V1_MIN_ROWS else 3
+
+
 def gemv_expression(dtype: Any, tokens: int, group_size: int | None, version: int, dual: bool = False) -> str:
-    r, u = _GEMV_CONFIGS[version]
-    return f"int8_gemv<{cuda_type(dtype)}, {tokens}, {_group_arg(group_size)}, {r}, {u}, {cpp_bool(dual)}>"
+    """The kernel for a launch of `tokens` rows of x (1..8; compiled for gemv_tokens(tokens))."""
+    r, u, w = _GEMV_CONFIGS[version]
+    m = gemv_tokens(tokens)
+    return f"int8_gemv<{cuda_type(dtype)}, {m}, {_group_arg(group_size)}, {r}, {u}, {w}, {cpp_bool(dual)}>"
 
 
 def dequant_expression(dtype: Any, group_size: int | None) -> str:
@@ -281,10 +303,10 @@ def _instantiations() -> list[str]:
     for dtype in _checks.GPU_DTYPES:
         for group in (None, *GROUP_SIZES):
             exprs.append(dequant_expression(dtype, group))
-            for tokens in range(1, GEMV_MAX_TOKENS + 1):
+            for tokens in GEMV_TOKENS:
                 for version in GEMV_VERSIONS:
                     exprs.append(gemv_expression(dtype, tokens, group, version))
-                exprs.append(gemv_expression(dtype, tokens, group, DEFAULT_GEMV_VERSION, dual=True))
+                    exprs.append(gemv_expression(dtype, tokens, group, version, dual=True))
     return exprs
 
 
@@ -309,6 +331,7 @@ def _dequant_cupy(qw: QuantizedWeight, dtype: Any) -> Any:
         kernel, (grid,), (_DEQUANT_THREADS,),
         (qw.q, qw.scales, out, i32(n), i32(kp // CHUNK), i32(kp), i32(_ngroups(qw))),
         bytes_moved=qw.nbytes + out.nbytes,
+        pdl=True,  # int8_dequant loads its first chunk, then waits (rf::pdl_wait) before writing
     )  # fmt: skip
     return out
 
@@ -317,12 +340,12 @@ def _gemv_cupy(
     x2: Any,
     qw: QuantizedWeight,
     bias: Any,
-    version: int,
+    version: int | None,
     up: QuantizedWeight | None = None,
     bias2: Any = None,
 ) -> Any:
     """x2 (M, K) contiguous CuPy -> (M, N), 8 rows of x per launch; with `up`: silu(x2 W~ + b) * (x2 U~ + b2)
-    (the DUAL kernel, default version only)."""
+    (the DUAL kernel). version None: default_gemv_version."""
     cp = backend.require_cupy()
     m, k = x2.shape
     n, kp = qw.q.shape
@@ -333,8 +356,9 @@ def _gemv_cupy(
         xp_ = cp.zeros((m, kp), dtype=x2.dtype)
         xp_[:, :k] = x2
         x2 = xp_
-    r, _ = _GEMV_CONFIGS[version]
-    grid = (-(-n // (_WARPS * r)),)
+    version = version or default_gemv_version(kp, n)
+    r, _, warps = _GEMV_CONFIGS[version]
+    grid = (-(-n // (warps * r)),)
     chunks, ngroups = kp // CHUNK, _ngroups(qw)
     b = _NULL if bias is None else bias
     dual = up is not None
@@ -344,10 +368,11 @@ def _gemv_cupy(
         rows = min(GEMV_MAX_TOKENS, m - i)
         kernel = get_function(_FAMILY, gemv_expression(x2.dtype, rows, qw.group_size, version, dual))
         launch(
-            kernel, grid, (_THREADS,),
-            (x2[i : i + rows], qw.q, qw.scales, b, *second, y[i : i + rows], i32(n), i32(chunks), i32(kp),
-             i32(kp), i32(ngroups), i32(n)),
+            kernel, grid, (32 * warps,),
+            (x2[i : i + rows], qw.q, qw.scales, b, *second, y[i : i + rows], i32(rows), i32(n), i32(chunks),
+             i32(kp), i32(kp), i32(ngroups), i32(n)),
             bytes_moved=moved + rows * (kp + n) * x2.itemsize,
+            pdl=True,  # int8_gemv issues its first weight loads, then waits (rf::pdl_wait) before x and y
         )  # fmt: skip
     return y
 
@@ -437,7 +462,7 @@ def int8_linear(
         return give_back(int8_linear_ref(x, qweight, bias).astype(x.dtype).reshape(*lead, n))
     x2 = _rows(x, qweight.in_features)
     if (path or _default_path(x2.shape[0])) == "gemv":
-        y = _gemv_cupy(x2, qweight, bias, version or DEFAULT_GEMV_VERSION)
+        y = _gemv_cupy(x2, qweight, bias, version)
     else:
         y = _gemm_cupy(x2, qweight, bias)
     return give_back(y.reshape(*lead, n))
@@ -461,6 +486,7 @@ def int8_linear_swiglu(
     b_up: Any = None,
     *,
     path: str | None = None,
+    version: int | None = None,
 ) -> Any:
     """silu(x @ Wg~ + b_gate) * (x @ Wu~ + b_up): a Llama MLP's gate / up projections and SwiGLU.
 
@@ -470,6 +496,7 @@ def int8_linear_swiglu(
     w_gate, w_up : QuantizedWeights of the same K, N and group size, on x's device
     b_gate, b_up : (N,) of x's dtype, or None
     path : None (GEMV for up to GEMV_PATH_MAX_ROWS rows, else GEMM), "gemv" or "gemm"
+    version : GEMV variant (GEMV_VERSIONS, each has a DUAL form); CUDA only
 
     Returns
     -------
@@ -488,7 +515,7 @@ def int8_linear_swiglu(
     b_gate = _check_bias(x, b_gate, "b_gate", n)
     b_up = _check_bias(x, b_up, "b_up", n)
     gpu = backend.is_cupy(x)
-    _check_path(path, None, gpu)
+    _check_path(path, version, gpu)
     lead = tuple(x.shape[:-1])
     if not gpu:
         return give_back(
@@ -496,7 +523,7 @@ def int8_linear_swiglu(
         )
     x2 = _rows(x, w_gate.in_features)
     if (path or _default_path(x2.shape[0])) == "gemv":
-        y = _gemv_cupy(x2, w_gate, b_gate, DEFAULT_GEMV_VERSION, up=w_up, bias2=b_up)
+        y = _gemv_cupy(x2, w_gate, b_gate, version, up=w_up, bias2=b_up)
     else:
         from rawformer.ops.activations import swiglu
 

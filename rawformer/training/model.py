@@ -135,6 +135,21 @@ class GPT(_Trainable):
 
     config: GPT2Config
 
+    def block(self, i: int, x: Tensor) -> Tensor:
+        """Transformer block i on the residual stream x (B, T, H) (pipeline stages call it too)."""
+        cfg, p = self.config, self.params
+        b, t = x.shape[0], x.shape[1]
+        nh, hd, h, eps = cfg.n_head, cfg.head_dim, cfg.n_embd, cfg.layer_norm_epsilon
+        pre = f"h.{i}."
+        a = ag.layer_norm(x, p[pre + "ln_1.weight"], p[pre + "ln_1.bias"], eps)
+        qkv = ag.linear(a, p[pre + "attn.c_attn.weight"], p[pre + "attn.c_attn.bias"])  # (B, T, 3H)
+        q, k, v = (ag.reshape(z, (b, t, nh, hd)) for z in ag.split(qkv, 3, axis=-1))  # (B, T, nh, hd)
+        a = ag.reshape(ag.attention(q, k, v, causal=True), (b, t, h))
+        x = ag.add(x, ag.linear(a, p[pre + "attn.c_proj.weight"], p[pre + "attn.c_proj.bias"]))
+        a = ag.layer_norm(x, p[pre + "ln_2.weight"], p[pre + "ln_2.bias"], eps)
+        m = ag.gelu(ag.linear(a, p[pre + "mlp.c_fc.weight"]), p[pre + "mlp.c_fc.bias"], cfg.gelu_approximate)
+        return ag.add(x, ag.linear(m, p[pre + "mlp.c_proj.weight"], p[pre + "mlp.c_proj.bias"]))
+
     def forward(self, ids: Any) -> Tensor:
         """Logits (B T, V) of int token ids (B, T), T <= n_positions (NumPy, or where the parameters live)."""
         cfg, p = self.config, self.params
@@ -144,21 +159,11 @@ class GPT(_Trainable):
         b, t = (int(s) for s in ids.shape)
         if t > cfg.n_positions:
             raise ValueError(f"GPT.forward: sequence of {t} tokens exceeds n_positions={cfg.n_positions}")
-        nh, hd, h, eps = cfg.n_head, cfg.head_dim, cfg.n_embd, cfg.layer_norm_epsilon
+        h, eps = cfg.n_embd, cfg.layer_norm_epsilon
         positions = self.xp.arange(t, dtype=np.int64)
         x = ag.add(ag.embedding(p["wte.weight"], ids), ag.embedding(p["wpe.weight"], positions))  # (B, T, H)
         for i in range(cfg.n_layer):
-            pre = f"h.{i}."
-            a = ag.layer_norm(x, p[pre + "ln_1.weight"], p[pre + "ln_1.bias"], eps)
-            qkv = ag.linear(a, p[pre + "attn.c_attn.weight"], p[pre + "attn.c_attn.bias"])  # (B, T, 3H)
-            q, k, v = (ag.reshape(z, (b, t, nh, hd)) for z in ag.split(qkv, 3, axis=-1))  # (B, T, nh, hd)
-            a = ag.reshape(ag.attention(q, k, v, causal=True), (b, t, h))
-            x = ag.add(x, ag.linear(a, p[pre + "attn.c_proj.weight"], p[pre + "attn.c_proj.bias"]))
-            a = ag.layer_norm(x, p[pre + "ln_2.weight"], p[pre + "ln_2.bias"], eps)
-            m = ag.gelu(
-                ag.linear(a, p[pre + "mlp.c_fc.weight"]), p[pre + "mlp.c_fc.bias"], cfg.gelu_approximate
-            )
-            x = ag.add(x, ag.linear(m, p[pre + "mlp.c_proj.weight"], p[pre + "mlp.c_proj.bias"]))
+            x = self.block(i, x)
         x = ag.layer_norm(x, p["ln_f.weight"], p["ln_f.bias"], eps)
         return ag.linear(ag.reshape(x, (b * t, h)), p["wte.weight"], transposed=True)  # (B T, V)
 
