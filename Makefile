@@ -40,12 +40,16 @@ gpu-check:
 	set -o pipefail; $(GPU_PY) -m pytest -q -m gpu $(GPU_XDIST) tests 2>&1 | tee $(OUT)/gpu-tests.log
 	set -o pipefail; $(GPU_PY) bench/kernels.py --quick 2>&1 | tee $(OUT)/bench-quick.log
 	set -o pipefail; $(GPU_PY) bench/attention.py --quick 2>&1 | tee $(OUT)/bench-attention-quick.log
+	set -o pipefail; $(GPU_PY) bench/train_kernels.py --quick 2>&1 | tee $(OUT)/bench-train-kernels-quick.log
+	set -o pipefail; $(GPU_PY) bench/serve.py --quick 2>&1 | tee $(OUT)/bench-serve-quick.log
+	set -o pipefail; $(GPU_PY) bench/distributed.py --quick 2>&1 | tee $(OUT)/bench-distributed-quick.log
 
+# Every benchmark, each writing bench/results/<gpu>/<name>.{json,md}
+BENCHES ?= kernels attention e2e decode_profile train train_kernels quant accuracy mla serve onnx_bench distributed
 bench:
 	$(GPU_PY) -m pip install -q --no-deps --no-build-isolation -e .
 	mkdir -p $(OUT)
-	set -o pipefail; $(GPU_PY) bench/kernels.py 2>&1 | tee $(OUT)/bench.log
-	set -o pipefail; $(GPU_PY) bench/attention.py 2>&1 | tee $(OUT)/bench-attention.log
+	set -o pipefail; for b in $(BENCHES); do $(GPU_PY) bench/$$b.py 2>&1 | tee $(OUT)/bench-$$b.log; done
 
 # Build a wheel and check it installs the rawformer.* namespace with the CUDA sources.
 wheel-check: $(STAMP)

@@ -192,8 +192,8 @@ needs_wiring = pytest.mark.skipif(not WIRED, reason="models/llama.py / gpt2.py f
 MODELS = {
     "llama": LlamaConfig(
         vocab_size=61,
-        hidden_size=64,
-        intermediate_size=96,
+        hidden_size=128,
+        intermediate_size=192,
         num_hidden_layers=2,
         num_attention_heads=2,
         num_key_value_heads=1,

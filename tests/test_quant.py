@@ -417,9 +417,9 @@ def test_gpu_poisoned_output_and_odd_layouts(cp, rng):
 @pytest.mark.gpu
 def test_gpu_pdl_chain_matches_plain_launches(cp, rng, monkeypatch):
     """Chained INT8 GEMVs of every version and the DUAL kernel, each reading what the kernel before it just
-    wrote (PDL launches: a pdl_wait placed too late would read a stale or NaN x), eager and replayed in a
-    CUDA graph over NaN-filled outputs, equal the same chain launched plainly (RAWFORMER_PDL=0) bit for bit;
-    the dequant kernel (GEMM path) is in the chain too."""
+    wrote, replayed from a CUDA graph (where launches use PDL: a pdl_wait placed too late would read a stale
+    or NaN x) over NaN-filled outputs, equal the same chain launched plainly (RAWFORMER_PDL=0) bit for bit;
+    eager calls (plain launches) too; the dequant kernel (GEMM path) is in the chain."""
     from rawformer.kernels import gemm
 
     k, i = 2048, 1376
