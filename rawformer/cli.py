@@ -1,8 +1,7 @@
 """The `rawformer` command: a dispatcher over rawformer/commands/<name>.py.
 
 Each command module has `register(subparsers)` (its parser, with set_defaults(func=run)) and
-`run(args) -> int`. train, eval and export come from other parts of the project: they are listed only when
-their module is installed (nothing is stubbed).
+`run(args) -> int`; a command's heavy imports happen in its `run`, so `rawformer -h` stays fast.
 
     rawformer info | generate | serve | bench | plan | train | eval | export | demo   (-h on each)
 """
@@ -11,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import sys
 from collections.abc import Sequence
 
@@ -31,8 +29,8 @@ EPILOG = """start here:
 
 
 def available() -> list[str]:
-    """The commands whose module is installed, in COMMANDS order."""
-    return [c for c in COMMANDS if importlib.util.find_spec(f"rawformer.commands.{c}") is not None]
+    """The commands, in COMMANDS order."""
+    return list(COMMANDS)
 
 
 def build_parser() -> argparse.ArgumentParser:

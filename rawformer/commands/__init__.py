@@ -1,7 +1,6 @@
 """The subcommands of `rawformer`: one module each, with `register(subparsers)` and `run(args) -> int`.
 
-`rawformer.cli` imports the modules of COMMANDS that exist (train, eval and export come from other parts of
-the project and are listed only when their module is installed).
+`rawformer.cli` registers the modules of COMMANDS in this order.
 """
 
 COMMANDS = ("info", "generate", "serve", "bench", "plan", "train", "eval", "export", "demo")
