@@ -4,8 +4,8 @@
     python bench/train.py --quick              -> $OUT (or bench/out): 3 timed steps
     python bench/train.py --batch 4 --seq 512 --no-torch
 
-Workload (the issue's; model and optimizer settings from configs/gpt2-small.json): GPT-2 small (124M,
-12 layers, 768 wide, vocab 50257), batch 8 x 1024 tokens, float16
+Workload (the issue's; model and optimizer settings from rawformer/training/configs/gpt2-small.json):
+GPT-2 small (124M, 12 layers, 768 wide, vocab 50257), batch 8 x 1024 tokens, float16
 compute, AdamW (lr 6e-4, betas 0.9 / 0.95, weight decay 0.1 on matrices), global-norm clipping at 1.0,
 dynamic loss scaling. Both sides start from the same weights (rawformer.training.model.init_weights) and
 train on the same random token batches.
@@ -44,7 +44,7 @@ from rawformer.training.optim import AdamW
 
 # The training configs benchmarked: model shape and optimizer settings come from the JSON file (the same one
 # `rawformer train --config` reads); batch and sequence length from --batch / --seq (the 8 x 1024).
-CONFIG_FILES = {"gpt2-small": harness.REPO_ROOT / "configs" / "gpt2-small.json"}
+CONFIG_FILES = {"gpt2-small": harness.REPO_ROOT / "rawformer" / "training" / "configs" / "gpt2-small.json"}
 CONFIGS = {name: TrainConfig.from_json(path).model_config() for name, path in CONFIG_FILES.items()}
 HPARAMS = {name: TrainConfig.from_json(path) for name, path in CONFIG_FILES.items()}
 ACCEPT = 0.8

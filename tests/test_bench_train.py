@@ -32,7 +32,7 @@ def numpy_as_cupy():
 
 def test_config_and_flops():
     cfg = bench.CONFIGS["gpt2-small"]
-    assert cfg == GPT2Config()  # configs/gpt2-small.json is GPT-2 small
+    assert cfg == GPT2Config()  # the shipped gpt2-small.json is GPT-2 small
     assert (bench.LR, bench.BETAS, bench.WD, bench.CLIP) == (6e-4, (0.9, 0.95), 0.1, 1.0)
     params = 124_439_808 - 1024 * 768  # matrices, norms, biases and the tied head; positions are a lookup
     flops = bench.step_flops(cfg, 8, 1024)

@@ -445,3 +445,16 @@ def test_gpu_float16_training(cp, tmp_path, corpus):
     assert os.path.exists(Path(s["checkpoint"]) / "model.safetensors")
     args = _eval_cli(tmp_path, "--device", "gpu")
     assert args.func(args) == 0
+
+
+def test_shipped_configs_resolve_by_name(tmp_path):
+    from rawformer.training.config import TrainConfig, config_path
+
+    for name in ("tiny", "gpt2-small", "stdlib-gpt", "stdlib-gpt.json"):
+        assert config_path(name).is_file()
+        assert TrainConfig.from_json(name).steps > 0
+    own = tmp_path / "tiny.json"  # a file of that name wins over the shipped one
+    own.write_text(config_path("tiny").read_text())
+    assert config_path(own) == own
+    with pytest.raises(FileNotFoundError, match="not a shipped one"):
+        config_path("no-such-config")

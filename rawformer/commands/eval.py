@@ -43,7 +43,7 @@ EPILOG = """examples:
   rawformer eval stdlib-gpt --json             the same by name, one JSON object
   rawformer eval models/stdlib-gpt.onnx --impl model   through the training model's ops (slow on the CPU)
   rawformer eval runs/tiny                     the latest checkpoint of a `rawformer train` run
-  rawformer eval model.onnx --config configs/stdlib-gpt.json"""
+  rawformer eval model.onnx --config stdlib-gpt"""
 
 
 def register(subparsers: Any) -> None:

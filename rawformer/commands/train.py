@@ -28,10 +28,14 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "train",
         help="train a GPT from a JSON config (checkpoints, loss curve, held-out loss)",
-        description="Trains the GPT-2-layout model of a training config (configs/*.json) on the byte-level "
-        "standard-library corpus (or a folder of .py files); data parallel under mpirun.",
+        description="Trains the GPT-2-layout model of a training config on the byte-level standard-library "
+        "corpus (or a folder of .py files); data parallel under mpirun.",
     )
-    p.add_argument("--config", required=True, help="training config JSON (see rawformer.training.config)")
+    p.add_argument(
+        "--config",
+        required=True,
+        help="a training config JSON file, or a shipped one by name: tiny, gpt2-small, stdlib-gpt",
+    )
     p.add_argument("--out", default=None, help="output folder (default runs/<config name>)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/latest")
     p.add_argument("--steps", type=int, default=None, help="override the config's steps")

@@ -1,7 +1,7 @@
 """Training on rawformer.autograd: GPT-2 / Llama models, AdamW, mixed precision, data, checkpoints, the loop.
 
     from rawformer.training import TrainConfig, train
-    summary = train(TrainConfig.from_json("configs/tiny.json"), "runs/tiny")
+    summary = train(TrainConfig.from_json("tiny"), "runs/tiny")
 
 Modules, in the order a step uses them: data (byte-level stdlib corpus, batches), model (GPT, Llama on
 autograd), optim (AdamW, clipping, schedule), amp (loss scaling, the optimizer step), checkpoint (atomic

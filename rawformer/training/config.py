@@ -1,4 +1,5 @@
-"""Training configuration: one JSON file per run (configs/*.json), read into `TrainConfig`.
+"""Training configuration: one JSON file per run, read into `TrainConfig`; shipped ones in
+rawformer/training/configs/ are found by name (`rawformer train --config stdlib-gpt`).
 
     {
       "model": {"model_type": "gpt2", "vocab_size": 257, "n_positions": 256, "n_embd": 256, ...},
@@ -20,6 +21,21 @@ from typing import Any
 from rawformer.models.config import GPT2Config, LlamaConfig, config_from_dict
 
 __all__ = ["TrainConfig"]
+
+
+SHIPPED = Path(__file__).resolve().parent / "configs"  # tiny, gpt2-small, stdlib-gpt (package data)
+
+
+def config_path(path: str | Path) -> Path:
+    """`path` itself when it exists, else the shipped config of that name (with or without ".json")."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    shipped = SHIPPED / (p.name if p.suffix == ".json" else f"{p.name}.json")
+    if shipped.is_file():
+        return shipped
+    names = ", ".join(sorted(q.stem for q in SHIPPED.glob("*.json")))
+    raise FileNotFoundError(f"no training config {str(path)!r}: not a file, and not a shipped one ({names})")
 
 
 @dataclass
@@ -96,6 +112,8 @@ class TrainConfig:
 
     @classmethod
     def from_json(cls, path: str | Path) -> TrainConfig:
+        """A config file, or the name of one shipped in rawformer/training/configs (e.g. "stdlib-gpt")."""
+        path = config_path(path)
         with open(path, encoding="utf-8") as f:
             d = json.load(f)
         if not isinstance(d, dict):
