@@ -16,7 +16,7 @@ for needed in ("rawformer/cuda_src/common.cuh", "rawformer/cuda_src/softmax.cu",
                "rawformer/export/__init__.py", "rawformer/kernels/numba/__init__.py",
                "rawformer/models/stdlib-gpt.onnx", "rawformer/models/stdlib-gpt.json",
                "rawformer/training/__init__.py", "rawformer/commands/__init__.py", "rawformer/server/__init__.py",
-               "rawformer/distributed/__init__.py"):
+               "rawformer/distributed/__init__.py", "rawformer/training/configs/stdlib-gpt.json"):
     assert needed in names, f"{needed} missing from the wheel"
 print(f"wheel ok: {len(names)} files, top-level {sorted(tops)}")
 PY
