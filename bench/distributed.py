@@ -117,9 +117,12 @@ def sweep(cp: Any, groups: Any, sizes: list[int], iters: int, warmup: int) -> li
         count = max(size // 4, 1)
         for path, call in (("nccl", raw_call), ("rawformer", our_call)):
             for inplace in (False, True):
-                # correctness first: rank + 1 everywhere, the exact sum n (n + 1) / 2
-                send[:count].fill(rank + 1)
-                recv[:count].fill(-1)
+                # correctness first: rank + 1 everywhere, the exact sum n (n + 1) / 2. The fills go on the
+                # collectives' stream: a non-blocking stream does not wait for the legacy one, and the H100
+                # run read a 64 MB out-of-place result before its fill had finished
+                with stream:
+                    send[:count].fill(rank + 1)
+                    recv[:count].fill(-1)
                 call(count, inplace)
                 stream.synchronize()
                 got = send[:count] if inplace else recv[:count]
