@@ -80,6 +80,8 @@ class KVArena:
         Bytes of one token's K and V in all layers (block_bytes / block_size).
     """
 
+    _kind = "KVArena"  # the name errors start with
+
     def __init__(
         self,
         layers: int,
@@ -93,27 +95,8 @@ class KVArena:
         budget_fraction: float | None = None,
         xp: types.ModuleType | None = None,
     ):
-        self.layers = _positive_int(layers, "layers")
-        self.kv_heads = _positive_int(kv_heads, "kv_heads")
-        self.head_dim = _positive_int(head_dim, "head_dim")
-        self.block_size = _positive_int(block_size, "block_size")
-        xp = backend.xp() if xp is None else xp
-        if xp is not np and getattr(xp, "__name__", "") != "cupy":
-            raise TypeError(f"KVArena: xp must be the numpy or cupy module, got {xp!r}")
-        self.xp = xp
-        self.is_gpu = xp is not np
-        try:
-            dt = np.dtype(dtype)
-        except TypeError:
-            raise TypeError(
-                f"KVArena: dtype must be float16 or float32 (float64 on NumPy), got {dtype!r}"
-            ) from None
-        if dt.name not in FLOAT_DTYPES or (self.is_gpu and dt.name == "float64"):
-            raise TypeError(
-                f"KVArena: dtype must be float16 or float32{'' if self.is_gpu else ' or float64'}, "
-                f"got {dt.name}"
-            )
-        self.dtype = dt
+        dt = self._set_geometry(layers, kv_heads, head_dim, dtype, block_size, xp)
+        xp = self.xp
         self.token_bytes = 2 * self.layers * self.kv_heads * self.head_dim * dt.itemsize
         self.block_bytes = self.token_bytes * self.block_size
         self.num_blocks = self._size(num_blocks, budget_bytes, budget_fraction)
@@ -125,6 +108,35 @@ class KVArena:
         # byte geometry of the 2-D copies: 2*layers rows, each row is every block of one (layer, K|V)
         self.row_pitch = self.num_blocks * self.block_size * self.kv_heads * self.head_dim * dt.itemsize
         self.block_row_bytes = self.block_size * self.kv_heads * self.head_dim * dt.itemsize
+
+    def _set_geometry(
+        self, layers: Any, kv_heads: Any, head_dim: Any, dtype: Any, block_size: Any, xp: Any
+    ) -> np.dtype:
+        """Check and set layers, kv_heads, head_dim, block_size, xp, is_gpu and dtype (the model's float
+        dtype); returns it. Subclasses with another storage (Int8KVArena) share it."""
+        name = self._kind
+        self.layers = _positive_int(layers, "layers")
+        self.kv_heads = _positive_int(kv_heads, "kv_heads")
+        self.head_dim = _positive_int(head_dim, "head_dim")
+        self.block_size = _positive_int(block_size, "block_size")
+        xp = backend.xp() if xp is None else xp
+        if xp is not np and getattr(xp, "__name__", "") != "cupy":
+            raise TypeError(f"{name}: xp must be the numpy or cupy module, got {xp!r}")
+        self.xp = xp
+        self.is_gpu = xp is not np
+        try:
+            dt = np.dtype(dtype)
+        except TypeError:
+            raise TypeError(
+                f"{name}: dtype must be float16 or float32 (float64 on NumPy), got {dtype!r}"
+            ) from None
+        if dt.name not in FLOAT_DTYPES or (self.is_gpu and dt.name == "float64"):
+            raise TypeError(
+                f"{name}: dtype must be float16 or float32{'' if self.is_gpu else ' or float64'}, "
+                f"got {dt.name}"
+            )
+        self.dtype = dt
+        return dt
 
     def _size(self, num_blocks: Any, budget_bytes: Any, budget_fraction: Any) -> int:
         given = [x is not None for x in (num_blocks, budget_bytes, budget_fraction)]

@@ -27,8 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from rawformer import backend
-from rawformer.memory.arena import FLOAT_DTYPES, KVArena, _positive_int, runs
+from rawformer.memory.arena import KVArena, runs
 
 __all__ = ["Int8KVArena"]
 
@@ -61,6 +60,7 @@ class Int8KVArena(KVArena):
     """
 
     kv_int8 = True
+    _kind = "Int8KVArena"
 
     def __init__(
         self,
@@ -76,15 +76,8 @@ class Int8KVArena(KVArena):
         xp: types.ModuleType | None = None,
     ):
         # KVArena.__init__ is not called: it would allocate a float cache
-        self.layers = _positive_int(layers, "layers")
-        self.kv_heads = _positive_int(kv_heads, "kv_heads")
-        self.head_dim = _positive_int(head_dim, "head_dim")
-        self.block_size = _positive_int(block_size, "block_size")
-        xp = backend.xp() if xp is None else xp
-        if xp is not np and getattr(xp, "__name__", "") != "cupy":
-            raise TypeError(f"Int8KVArena: xp must be the numpy or cupy module, got {xp!r}")
-        self.xp = xp
-        self.is_gpu = xp is not np
+        self._set_geometry(layers, kv_heads, head_dim, dtype, block_size, xp)
+        xp = self.xp
         if self.is_gpu:  # the kernels' head_dim list, said now rather than at the first step
             from rawformer.ops.kv_int8 import _epl
 
@@ -92,16 +85,6 @@ class Int8KVArena(KVArena):
                 _epl(self.head_dim)
             except ValueError as e:
                 raise ValueError(f"Int8KVArena: {e}") from None
-        try:
-            dt = np.dtype(dtype)
-        except TypeError:
-            raise TypeError(f"Int8KVArena: dtype must be float16 or float32, got {dtype!r}") from None
-        if dt.name not in FLOAT_DTYPES or (self.is_gpu and dt.name == "float64"):
-            raise TypeError(
-                f"Int8KVArena: dtype must be float16 or float32{'' if self.is_gpu else ' or float64'}, "
-                f"got {dt.name}"
-            )
-        self.dtype = dt
         per_head = self.head_dim + SCALE_BYTES  # int8 values + the fp16 scale
         self.token_bytes = 2 * self.layers * self.kv_heads * per_head
         self.block_bytes = self.token_bytes * self.block_size
