@@ -38,26 +38,7 @@ from rawformer.runtime import Generator
 
 def graph_ms(cp: Any, fn: Any, inner: int = 50, reps: int = 20) -> float:
     """Median ms of one `fn()` captured `inner` times in one graph (in-graph cost, launch gaps included)."""
-    stream = cp.cuda.Stream(non_blocking=True)
-    with stream:
-        gemm.prepare()
-        fn()
-        stream.synchronize()
-        stream.begin_capture()
-        for _ in range(inner):
-            fn()
-        graph = stream.end_capture()
-        graph.launch(stream)
-        stream.synchronize()
-        times = []
-        for _ in range(reps):
-            a, b = cp.cuda.Event(), cp.cuda.Event()
-            a.record(stream)
-            graph.launch(stream)
-            b.record(stream)
-            b.synchronize()
-            times.append(cp.cuda.get_elapsed_time(a, b) / inner)
-    return statistics.median(times)
+    return harness.captured_ms(cp, [fn] * inner, reps) / inner
 
 
 def build(cp: Any, name: str, seed: int = 0) -> Any:
@@ -125,28 +106,10 @@ def profile(cp: Any, name: str, batch: int, prompt: int, new: int) -> dict[str, 
         key = (bucket, width, False)
         graph = gen.graphs._graphs[key].graph
         stream.synchronize()
-        times = []
-        for _ in range(10):
-            a, b = cp.cuda.Event(), cp.cuda.Event()
-            a.record(stream)
-            for _ in range(20):
-                graph.launch(stream)
-            b.record(stream)
-            b.synchronize()
-            times.append(cp.cuda.get_elapsed_time(a, b) / 20)
-        res["graph_ms"] = statistics.median(times)
+        res["graph_ms"] = harness.replay_ms(cp, graph, stream, reps=10, launches=20)
         greedy = gen.graphs._graphs.get((bucket, width, True))  # the graph with the argmax (greedy loops)
         if greedy is not None:
-            times = []
-            for _ in range(10):
-                a, b = cp.cuda.Event(), cp.cuda.Event()
-                a.record(stream)
-                for _ in range(20):
-                    greedy.graph.launch(stream)
-                b.record(stream)
-                b.synchronize()
-                times.append(cp.cuda.get_elapsed_time(a, b) / 20)
-            res["greedy_graph_ms"] = statistics.median(times)
+            res["greedy_graph_ms"] = harness.replay_ms(cp, greedy.graph, stream, reps=10, launches=20)
         for sid in ids:
             pool.free_sequence(sid)
     res["ops"] = op_times(cp, cfg, model, arena, batch, prompt + new // 2)

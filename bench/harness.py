@@ -354,6 +354,42 @@ def rotation_sets(set_bytes: int, l2_bytes: int, factor: int = L2_FACTOR, minimu
     return max(minimum, factor * l2_bytes // set_bytes + 1)
 
 
+def replay_ms(cp: Any, graph: Any, stream: Any, reps: int = 20, launches: int = 1) -> float:
+    """Median ms of one replay of a captured CUDA graph: `reps` timings of `launches` back-to-back launches
+    between two events on `stream`."""
+    times = []
+    for _ in range(reps):
+        start, stop = cp.cuda.Event(), cp.cuda.Event()
+        start.record(stream)
+        for _ in range(launches):
+            graph.launch(stream)
+        stop.record(stream)
+        stop.synchronize()
+        times.append(cp.cuda.get_elapsed_time(start, stop) / launches)
+    return float(np.median(times))
+
+
+def captured_ms(cp: Any, calls: Sequence[Callable[[], Any]], reps: int = 20) -> float:
+    """Median ms of `calls` (in order) captured once into one CUDA graph and replayed: their in-graph cost,
+    launch gaps included, as a decode step's graph pays it. Each call runs once eagerly first (compiles,
+    warms up; the GEMM handle is bound before the capture, as rawformer.runtime.cuda_graphs does)."""
+    from rawformer.kernels import gemm
+
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        gemm.prepare()
+        for c in calls:
+            c()
+        stream.synchronize()
+        stream.begin_capture()
+        for c in calls:
+            c()
+        graph = stream.end_capture()
+        graph.launch(stream)
+        stream.synchronize()
+        return replay_ms(cp, graph, stream, reps)
+
+
 def measure_copy_ceiling(cp: Any, clock: CudaClock, nbytes: int = CEILING_BYTES, reps: int = 30) -> dict:
     """Device-to-device copy bandwidth in GB/s (bytes read + written), measured now on this GPU.
 

@@ -326,29 +326,7 @@ def projection_calls(cp: Any, model: Any) -> list[Callable[[], Any]]:
 def gemv_step_ms(cp: Any, model: Any, reps: int = 20) -> float:
     """Milliseconds of one decode step's projections alone: projection_calls captured in one CUDA graph
     (the launches the decode graph holds, PDL included, nothing else), median of `reps` replays."""
-    from rawformer.kernels import gemm
-
-    calls = projection_calls(cp, model)
-    stream = cp.cuda.Stream(non_blocking=True)
-    with stream:
-        gemm.prepare()
-        for c in calls:  # compile / warm up outside the capture
-            c()
-        stream.begin_capture()
-        for c in calls:
-            c()
-        graph = stream.end_capture()
-        graph.launch(stream)
-        stream.synchronize()
-        times = []
-        for _ in range(reps):
-            start, stop = cp.cuda.Event(), cp.cuda.Event()
-            start.record(stream)
-            graph.launch(stream)
-            stop.record(stream)
-            stop.synchronize()
-            times.append(cp.cuda.get_elapsed_time(start, stop))
-    return float(np.median(times))
+    return harness.captured_ms(cp, projection_calls(cp, model), reps)
 
 
 def step_split(cp: Any, model: Any, rec: dict, wbytes: int, ceiling: float) -> dict:
