@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from graph_standin import assert_replays_equal
 from rawformer.models import GPT2Config, LlamaConfig, build_model, module_for
 from rawformer.models.common import random_weights
 from rawformer.models.quantize import TiedEmbedding, parse_mode, quantize_model, quantized_bytes
@@ -420,7 +421,6 @@ def test_gpu_pdl_chain_matches_plain_launches(cp, rng, monkeypatch):
     wrote, replayed from a CUDA graph (where launches use PDL: a pdl_wait placed too late would read a stale
     or NaN x) over NaN-filled outputs, equal the same chain launched plainly (RAWFORMER_PDL=0) bit for bit;
     eager calls (plain launches) too; the dequant kernel (GEMM path) is in the chain."""
-    from rawformer.kernels import gemm
 
     k, i = 2048, 1376
 
@@ -451,20 +451,7 @@ def test_gpu_pdl_chain_matches_plain_launches(cp, rng, monkeypatch):
         got = [cp.asnumpy(t) for t in chain()]
         for g, w in zip(got, want, strict=True):
             assert np.array_equal(g, w)
-    stream = cp.cuda.Stream(non_blocking=True)
-    with stream:
-        gemm.prepare()
-        chain()
-        stream.begin_capture()
-        outs = chain()
-        graph = stream.end_capture()
-        for _ in range(3):
-            for o in outs:
-                o.fill(np.nan)
-            graph.launch(stream)
-            stream.synchronize()
-            for o, w in zip(outs, want, strict=True):
-                assert np.array_equal(cp.asnumpy(o), w)
+    assert_replays_equal(cp, chain, want)
 
 
 @pytest.mark.gpu
