@@ -10,10 +10,11 @@ themselves against known values.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from rawformer.memory import AttentionBatch
 
 # ---- building blocks ---------------------------------------------------------------------------------------
 
@@ -204,19 +205,7 @@ class MiniArena:
         return self.data[layer, 1]
 
 
-@dataclass
-class Batch:
-    """The fields of the contract's AttentionBatch."""
-
-    tokens: Any
-    positions: Any
-    slot_mapping: Any
-    cu_seqlens_q: Any
-    context_lens: Any
-    block_tables: Any
-    max_seqlen_q: int
-    max_context: int
-    is_prefill: bool
+Batch = AttentionBatch  # the steps this pool lays out are the runtime's own
 
 
 class MiniPool:
