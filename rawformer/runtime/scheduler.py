@@ -509,17 +509,14 @@ class Scheduler:
     def _eager(self, batch: Any) -> Any:
         return self.model.forward(batch, self.arena)
 
-    def _width(self, reqs: list[Request]) -> int:
+    def _width(self) -> int:
         """Block-table columns of a padded decode step: the same for every step (the longest sequence the
-        scheduler admits), so each batch bucket captures its CUDA graph once. A width that grows with the
-        sequences (powers of two) makes new (bucket, width) graphs, each an eager warm-up step plus a
-        capture, in the middle of serving; the H100 static-vs-continuous run averaged 4.3 ms per step
-        where a replayed batch-64 step takes ~3 ms. The decode kernels read each sequence's context length
-        from the device, so a wide table costs only its upload."""
-        longest = max(
-            len(self.pool.sequence(r.seq_id).blocks) + self.pool.blocks_needed(r.seq_id, 1) for r in reqs
-        )
-        return max(longest, math.ceil(self.max_len / self.pool.block_size))
+        scheduler admits: no table is longer), so each batch bucket captures its CUDA graph once. A width
+        that grows with the sequences (powers of two) makes new (bucket, width) graphs, each an eager
+        warm-up step plus a capture, in the middle of serving; the H100 static-vs-continuous run averaged
+        4.3 ms per step where a replayed batch-64 step takes ~3 ms. The decode kernels read each sequence's
+        context length from the device, so a wide table costs only its upload."""
+        return math.ceil(self.max_len / self.pool.block_size)
 
     def _decode_forward(self, reqs: list[Request]) -> Any:
         n = len(reqs)
@@ -528,7 +525,7 @@ class Scheduler:
         bucket = bucket_for(n, self.buckets) if self.pad else None
         if bucket is None:
             return self.model.forward(self.pool.prepare(ids, toks), self.arena, last_only=True)
-        width = self._width(reqs)
+        width = self._width()
         batch = self.pool.prepare(ids, toks, pad_to=bucket, block_table_width=width)
         if self.graphs is not None and self.graphs.stats.error is None:
             try:
