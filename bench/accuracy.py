@@ -31,6 +31,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import e2e
 import harness
 import numpy as np
 from rawformer.models import GPT2Config, LlamaConfig, build_model, module_for
@@ -38,7 +39,7 @@ from rawformer.models.common import random_weights
 from rawformer.models.quantize import quantize_model
 
 from rawformer import backend
-from rawformer.memory import KVArena, KVPool
+from rawformer.runtime import make_pool
 
 CONFIGS: dict[str, tuple[Any, float]] = {  # name -> (config, weight std)
     "llama-small": (
@@ -57,19 +58,7 @@ CONFIGS: dict[str, tuple[Any, float]] = {  # name -> (config, weight std)
         GPT2Config(vocab_size=4096, n_positions=1024, n_embd=512, n_layer=4, n_head=8),
         0.05,
     ),
-    "llama-1b": (
-        LlamaConfig(
-            vocab_size=32000,
-            hidden_size=2048,
-            intermediate_size=5632,
-            num_hidden_layers=22,
-            num_attention_heads=32,
-            num_key_value_heads=4,
-            max_position_embeddings=2048,
-            rms_norm_eps=1e-5,
-        ),  # fmt: skip
-        0.02,
-    ),
+    "llama-1b": (e2e.CONFIGS["llama-1b"], e2e.STD),  # the end-to-end bench's 1B config
 }
 QUICK_CONFIGS = ("llama-small",)
 CPU_CONFIGS = ("llama-small", "gpt2-small-random")  # the 1B config needs a GPU
@@ -80,44 +69,34 @@ ACCEPT_PPL = 0.01  # INT8 weights: perplexity at most 1% above fp16's (issue 9, 
 # ---- scoring ---------------------------------------------------------------------------------------------
 
 
-def all_logits(model: Any, xp: Any, seqs: np.ndarray, block_size: int = 16) -> np.ndarray:
+def pool_for(model: Any, seqs: int, length: int, block_size: int = 16) -> Any:
+    """A pool (the model's dtype and device, no prefix caching) holding `seqs` sequences of `length`."""
+    return make_pool(
+        model, seqs * math.ceil(length / block_size) * block_size, block_size=block_size,
+        prefix_caching=False, max_seq_len=length,
+    )  # fmt: skip
+
+
+def all_logits(model: Any, seqs: np.ndarray, block_size: int = 16) -> np.ndarray:
     """float64 (S, L, V) logits of every position of S sequences of length L (one prefill step)."""
     s, length = seqs.shape
-    blocks = s * math.ceil(length / block_size) + 4
-    arena = KVArena(
-        model.num_layers,
-        model.num_kv_heads,
-        model.head_dim,
-        model.dtype,
-        block_size,
-        num_blocks=blocks,
-        xp=xp,
-    )
-    pool = KVPool(arena, prefix_caching=False)
+    pool = pool_for(model, s, length, block_size)
+    arena = pool.arena
     for i, row in enumerate(seqs):
         pool.add_sequence(i, [int(t) for t in row])
     logits = model.forward(pool.prepare(list(range(s))), arena)  # (S * L, V)
     return backend.to_numpy(logits).astype(np.float64).reshape(s, length, -1)
 
 
-def decode_logits(model: Any, xp: Any, seqs: np.ndarray, kv8: bool, block_size: int = 16) -> np.ndarray:
+def decode_logits(model: Any, seqs: np.ndarray, kv8: bool, block_size: int = 16) -> np.ndarray:
     """float64 (S, L, V) logits scored one token per step (teacher forcing), so that every position reads
     its context from the paged cache. kv8: after each step the new K / V in every layer are replaced by
     what an INT8 cache holds (rf kv_int8's per-token-per-head rule), i.e. attention over an INT8 KV cache."""
     from rawformer.ops.kv_int8 import fake_quantize_kv
 
     s, length = seqs.shape
-    blocks = s * math.ceil(length / block_size) + 4
-    arena = KVArena(
-        model.num_layers,
-        model.num_kv_heads,
-        model.head_dim,
-        model.dtype,
-        block_size,
-        num_blocks=blocks,
-        xp=xp,
-    )
-    pool = KVPool(arena, prefix_caching=False)
+    pool = pool_for(model, s, length, block_size)
+    arena = pool.arena
     ids = list(range(s))
     for i in ids:
         pool.add_sequence(i, [int(seqs[i, 0])])
@@ -155,15 +134,12 @@ def compare(ref: np.ndarray, out: np.ndarray, seqs: np.ndarray) -> dict[str, flo
     }
 
 
-def sample_from(model: Any, xp: Any, n_seqs: int, length: int, seed: int) -> np.ndarray:
+def sample_from(model: Any, n_seqs: int, length: int, seed: int) -> np.ndarray:
     """(n_seqs, length) token ids sampled at temperature 1 from `model` (first token uniform)."""
     rng = np.random.default_rng(seed)
     vocab = model.vocab_size
-    blocks = n_seqs * math.ceil(length / 16) + 4
-    arena = KVArena(
-        model.num_layers, model.num_kv_heads, model.head_dim, model.dtype, 16, num_blocks=blocks, xp=xp
-    )
-    pool = KVPool(arena, prefix_caching=False)
+    pool = pool_for(model, n_seqs, length)
+    arena = pool.arena
     seqs = np.zeros((n_seqs, length), dtype=np.int64)
     seqs[:, 0] = rng.integers(0, vocab, n_seqs)
     ids = list(range(n_seqs))
@@ -220,17 +196,15 @@ def run_config(
     ref_name, ref_build, _ = builders[0]
     model = ref_build()
     if seqs is None:
-        seqs = sample_from(model, xp, args.seqs, args.seq_len, args.seed + 1)
-    ref = all_logits(model, xp, seqs)
+        seqs = sample_from(model, args.seqs, args.seq_len, args.seed + 1)
+    ref = all_logits(model, seqs)
     del model
     result: dict[str, Any] = {"config": name, "reference": ref_name, "seqs": list(seqs.shape), "variants": {}}
     result["variants"][ref_name] = {**compare(ref, ref, seqs), "scoring": "prefill"}
     for vname, build, scoring in builders[1:]:
         model = build()
         logits = (
-            all_logits(model, xp, seqs)
-            if scoring == "prefill"
-            else decode_logits(model, xp, seqs, scoring == "kv8")
+            all_logits(model, seqs) if scoring == "prefill" else decode_logits(model, seqs, scoring == "kv8")
         )
         result["variants"][vname] = {**compare(ref, logits, seqs), "scoring": scoring}
         del model, logits

@@ -29,27 +29,18 @@ import time
 from pathlib import Path
 from typing import Any
 
+import e2e
 import harness
 import numpy as np
 from rawformer.export.onnx_executor import OnnxExecutor
 from rawformer.export.onnx_export import export_onnx
-from rawformer.models import GPT2Config, LlamaConfig, init_random
+from rawformer.models import LlamaConfig, init_random
 
 from rawformer.loading import load
 from rawformer.runtime import Generator, make_pool
 
 CONFIGS: dict[str, Any] = {
-    "gpt2-small": GPT2Config(),
-    "llama-1b": LlamaConfig(
-        vocab_size=32000,
-        hidden_size=2048,
-        intermediate_size=5632,
-        num_hidden_layers=22,
-        num_attention_heads=32,
-        num_key_value_heads=4,
-        max_position_embeddings=2048,
-        rms_norm_eps=1e-5,
-    ),
+    **e2e.CONFIGS,  # gpt2-small, llama-1b: the end-to-end bench's configs
     "tiny": LlamaConfig(
         vocab_size=97,
         hidden_size=64,

@@ -514,6 +514,7 @@ def test_bench_quant_verdicts_and_report(tmp_path):
 def test_bench_accuracy_metrics():
     from bench_modules import load
 
+    load("harness"), load("e2e")  # the modules accuracy.py imports by name
     acc = load("accuracy")
     rng = np.random.default_rng(0)
     ref = rng.standard_normal((2, 5, 7))
