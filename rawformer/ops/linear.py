@@ -35,7 +35,7 @@ _FAMILY = "gemv"
 # results in bench/results/h100/gemv_sweep.json): at 1 row 1.1-2.0x faster on every decoder shape; at 2 rows
 # slower on the 1B decoder's qkv / gate / down shapes; at 4-8 rows up to 3.6x slower (x is re-read per row).
 GEMV_MAX_ROWS = 1
-_ROW_TILES = (1,)
+_ROW_TILES = (1, 2, 4, 8)  # compiled row counts: the sweep raises GEMV_MAX_ROWS to time 2-8 rows
 # gemv_nk: (output columns per warp, 16-byte loads in flight per lane and column), chosen by K;
 # bench/decode_profile.py --nk-sweep measures the alternatives
 NK_SHAPES = ((2, 4), (1, 8))
