@@ -32,8 +32,7 @@ from rawformer.models.common import random_weights
 
 import rawformer as rf
 from rawformer.kernels import gemm
-from rawformer.memory import KVArena, KVPool
-from rawformer.runtime import Generator
+from rawformer.runtime import Generator, make_pool
 
 
 def graph_ms(cp: Any, fn: Any, inner: int = 50, reps: int = 20) -> float:
@@ -52,10 +51,8 @@ def build(cp: Any, name: str, seed: int = 0) -> Any:
 def profile(cp: Any, name: str, batch: int, prompt: int, new: int) -> dict[str, Any]:
     cfg, model = build(cp, name)
     blocks = batch * ((prompt + new + 64) // 16 + 2)
-    arena = KVArena(
-        model.num_layers, model.num_kv_heads, model.head_dim, model.dtype, 16, num_blocks=blocks, xp=cp
-    )
-    pool = KVPool(arena, max_seq_len=prompt + new + 32, prefix_caching=False)
+    pool = make_pool(model, blocks * 16, max_seq_len=prompt + new + 32, prefix_caching=False)
+    arena = pool.arena
     gen = Generator(model, pool, max_batch=batch)
     rng = np.random.default_rng(0)
     prompts = rng.integers(0, model.vocab_size, (batch, prompt)).tolist()
