@@ -109,7 +109,7 @@ def _nk_pitch(x2: Any, w: Any) -> int | None:
     if s0 != item or s1 % item or w.shape[0] % vw or not _aligned(w):
         return None
     pitch = s1 // item
-    if pitch % vw or x2.strides[1] != item or x2.strides[0] % (16) or not _aligned(x2):
+    if pitch % vw or x2.strides[1] != item or x2.strides[0] % 16 or not _aligned(x2):
         return None
     return pitch
 
@@ -177,7 +177,7 @@ def linear(x: Any, w: Any, bias: Any = None) -> Any:
     rows, n = x2.shape[0], w.shape[1]
     if rows == 0 or n == 0:
         return cp.zeros((*lead, n), dtype=x.dtype)
-    if rows <= GEMV_MAX_ROWS and x.dtype in (np.float16, np.float32):
+    if rows <= GEMV_MAX_ROWS:  # (CuPy arrays are float16 / float32: _check_args)
         pitch = _nk_pitch(x2, w)
         if pitch is not None:
             out = cp.empty((rows, n), dtype=x.dtype)
@@ -216,7 +216,7 @@ def linear_swiglu(x: Any, w_gate: Any, w_up: Any, b_gate: Any = None, b_up: Any 
     rows = x2.shape[0]
     if rows == 0 or n == 0:
         return cp.zeros((*lead, n), dtype=x.dtype)
-    if rows <= GEMV_MAX_ROWS and x.dtype in (np.float16, np.float32):
+    if rows <= GEMV_MAX_ROWS:  # (CuPy arrays are float16 / float32: _check_args)
         pitch = _nk_pitch(x2, w_gate)
         if pitch is not None and _nk_pitch(x2, w_up) == pitch:
             out = cp.empty((rows, n), dtype=x.dtype)
