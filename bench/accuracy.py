@@ -3,6 +3,8 @@
     python bench/accuracy.py                       -> bench/results/<gpu or cpu>/accuracy.{json,md}
     python bench/accuracy.py --quick               -> $OUT (or bench/out): one small config, short sequences
     python bench/accuracy.py --checkpoint DIR --text FILE   a trained model on held-out text
+    python bench/accuracy.py --bundled [OPTIONS]   the bundled model on its held-out split: hands over to
+                                                   bench/accuracy_bundled.py (its options, its results files)
 
 Variants, all holding the same weights: on a GPU the reference is fp32, then fp16, then the fp16 model with
 weight-only INT8 (models/quantize.py: "int8" per channel, "int8-g128" group-wise); on a CPU (no GPU) the
@@ -39,6 +41,8 @@ from rawformer.models.common import random_weights
 from rawformer.models.quantize import quantize_model
 
 from rawformer import backend
+from rawformer.memory import KVPool
+from rawformer.memory.int8_arena import Int8KVArena
 from rawformer.runtime import make_pool
 
 CONFIGS: dict[str, tuple[Any, float]] = {  # name -> (config, weight std)
@@ -69,11 +73,23 @@ ACCEPT_PPL = 0.01  # INT8 weights: perplexity at most 1% above fp16's (issue 9, 
 # ---- scoring ---------------------------------------------------------------------------------------------
 
 
-def pool_for(model: Any, seqs: int, length: int, block_size: int = 16) -> Any:
-    """A pool (the model's dtype and device, no prefix caching) holding `seqs` sequences of `length`."""
+def pool_for(model: Any, seqs: int, length: int, block_size: int = 16, kv8: bool = False) -> Any:
+    """A pool (the model's dtype and device, no prefix caching) holding `seqs` sequences of `length`; kv8:
+    over an Int8KVArena (int8 K / V + an fp16 scale per token and head) instead of the float cache."""
+    blocks = seqs * math.ceil(length / block_size)
+    if kv8:
+        arena = Int8KVArena(
+            model.num_layers,
+            model.num_kv_heads,
+            model.head_dim,
+            model.dtype,
+            block_size,
+            num_blocks=blocks,
+            xp=model.xp,
+        )
+        return KVPool(arena, max_seq_len=length, prefix_caching=False)
     return make_pool(
-        model, seqs * math.ceil(length / block_size) * block_size, block_size=block_size,
-        prefix_caching=False, max_seq_len=length,
+        model, blocks * block_size, block_size=block_size, prefix_caching=False, max_seq_len=length,
     )  # fmt: skip
 
 
@@ -90,12 +106,10 @@ def all_logits(model: Any, seqs: np.ndarray, block_size: int = 16) -> np.ndarray
 
 def decode_logits(model: Any, seqs: np.ndarray, kv8: bool, block_size: int = 16) -> np.ndarray:
     """float64 (S, L, V) logits scored one token per step (teacher forcing), so that every position reads
-    its context from the paged cache. kv8: after each step the new K / V in every layer are replaced by
-    what an INT8 cache holds (rf kv_int8's per-token-per-head rule), i.e. attention over an INT8 KV cache."""
-    from rawformer.ops.kv_int8 import fake_quantize_kv
-
+    its context from the paged cache (rf.paged_attention); kv8: the cache is an Int8KVArena, read by
+    rf.paged_attention_int8 (models/int8_kv.py), i.e. attention over an INT8 KV cache."""
     s, length = seqs.shape
-    pool = pool_for(model, s, length, block_size)
+    pool = pool_for(model, s, length, block_size, kv8)
     arena = pool.arena
     ids = list(range(s))
     for i in ids:
@@ -104,12 +118,6 @@ def decode_logits(model: Any, seqs: np.ndarray, kv8: bool, block_size: int = 16)
     for t in range(length):
         batch = pool.prepare(ids) if t == 0 else pool.prepare(ids, [[int(v)] for v in seqs[:, t]])
         logits = model.forward(batch, arena)  # (S, V): one token per sequence
-        if kv8:
-            slots = batch.slot_mapping
-            for layer in range(model.num_layers):
-                for cache in (arena.k(layer), arena.v(layer)):
-                    flat = cache.reshape(-1, *cache.shape[2:])  # (slots, kv_heads, head_dim), a view
-                    flat[slots] = fake_quantize_kv(flat[slots])
         out[:, t] = backend.to_numpy(logits).astype(np.float64)
     return out
 
@@ -269,7 +277,9 @@ def verdicts(results: list[dict], trained: bool) -> list[harness.Verdict]:
             out.append(harness.Verdict(status, f"{what}: {100 * rise:+.3f}% (ppl {m['ppl']:.4f})"))
     if not trained:
         out.append(
-            harness.Verdict("SKIP", "bundled model on held-out data: run with --checkpoint DIR --text FILE")
+            harness.Verdict(
+                "SKIP", "bundled model on its held-out split: run with --bundled (accuracy_bundled.py)"
+            )
         )
     return out
 
@@ -313,10 +323,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", metavar="DIR", help="a trained HF-layout checkpoint to score on --text")
     p.add_argument("--text", metavar="FILE", help="held-out text; its bytes are the token ids")
     p.add_argument("--out", metavar="DIR", help="write the results here instead")
+    p.add_argument("--bundled", action="store_true", help="the bundled model on its held-out split: "
+                   "bench/accuracy_bundled.py with the other arguments (see its --help)")  # fmt: skip
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--bundled" in argv:  # another script's options: hand over before parsing ours
+        import accuracy_bundled
+
+        argv.remove("--bundled")
+        return accuracy_bundled.main(argv)
     args = build_parser().parse_args(argv)
     if bool(args.checkpoint) != bool(args.text):
         raise SystemExit("--checkpoint and --text go together")

@@ -11,12 +11,16 @@ For one config (bench/e2e.py's CONFIGS, random fp16 weights) and batch size:
    (enqueue only), the sampler (argmax + device-to-host copy), observe / stop checks;
 4. every op of the step captured 50 times in a graph of its own and replayed: in-graph time per call, and
    for the GEMMs GB/s against the copy ceiling measured in the same run. The sum of the op times next to
-   the graph time shows what the graph adds (launch gaps between its nodes).
+   the graph time shows what the graph adds (launch gaps between its nodes). `count` is how often the
+   model's step runs the op: for Llama at one row per step the qkv, gate/up and lm-head GEMVs run fused with
+   the RMSNorm (and residual add) before them (rf.add_rms_norm_linear), so those rows count, and the plain
+   GEMVs / add_rms_norm / rms_norm they replace are listed with count 0 for comparison.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import statistics
 import sys
@@ -33,6 +37,8 @@ from rawformer.models.common import random_weights
 import rawformer as rf
 from rawformer.kernels import gemm
 from rawformer.runtime import Generator, make_pool
+
+lin = importlib.import_module("rawformer.ops.linear")  # the module (rf.ops.linear is the function)
 
 
 def graph_ms(cp: Any, fn: Any, inner: int = 50, reps: int = 20) -> float:
@@ -99,6 +105,9 @@ def profile(cp: Any, name: str, batch: int, prompt: int, new: int) -> dict[str, 
                 host["sample"].append(1e3 * (t4 - t3))
                 host["observe"].append(1e3 * (t5 - t4))
         res["host_ms"] = {k: statistics.median(v) for k, v in host.items()}
+        # how many launches of one eager decode step are the fused norm + GEMV (the graph replays the same
+        # calls): 2 per layer + the head for Llama at batch 1; the step rewrites its own K/V unchanged
+        res["fused_norm_linear_per_step"] = count_fused(model, bt, arena)
         # the graph alone, back to back
         key = (bucket, width, False)
         graph = gen.graphs._graphs[key].graph
@@ -111,6 +120,23 @@ def profile(cp: Any, name: str, batch: int, prompt: int, new: int) -> dict[str, 
             pool.free_sequence(sid)
     res["ops"] = op_times(cp, cfg, model, arena, batch, prompt + new // 2)
     return res
+
+
+def count_fused(model: Any, batch: Any, arena: Any) -> int:
+    """gemv_nk_norm launches (rf.add_rms_norm_linear's fused kernel) in one eager forward of `batch`."""
+    calls = []
+    real = lin._gemv_nk
+
+    def spy(*args: Any, norm: Any = None) -> None:
+        calls.append(norm is not None)
+        real(*args, norm=norm)
+
+    lin._gemv_nk = spy
+    try:
+        model.forward(batch, arena, last_only=True)
+    finally:
+        lin._gemv_nk = real
+    return sum(calls)
 
 
 def op_times(cp: Any, cfg: Any, model: Any, arena: Any, batch: int, ctx: int) -> list[dict[str, Any]]:
@@ -127,6 +153,10 @@ def op_times(cp: Any, cfg: Any, model: Any, arena: Any, batch: int, ctx: int) ->
         rows.append(dict(op=label, ms=ms, count=count, gbps=nbytes / ms / 1e6 if nbytes else None))
 
     blk = model.blocks[0]
+    # Llama at one row per step: qkv, gate/up and the head run as rf.add_rms_norm_linear (models/common.py)
+    fused = type(model).__name__ == "LlamaModel" and batch <= lin.GEMV_MAX_ROWS
+    replaced = {"w_qkv", "w_gate", "w_up", "lm_head"} if fused else set()
+    copies_of: dict[str, list[Any]] = {}
     mats = []
     for n, w in vars(blk).items():
         w = w[0] if isinstance(w, tuple) else w
@@ -145,7 +175,10 @@ def op_times(cp: Any, cfg: Any, model: Any, arena: Any, batch: int, ctx: int) ->
             wi = ws[it["i"]]
             return rf.linear(x, wi) if kind == "gemv" else gemm.matmul(x, wi)
 
-        count = 1 if n == "lm_head" else model.num_layers
+        copies_of[n] = ws
+        count = 0 if n in replaced else 1 if n == "lm_head" else model.num_layers
+        if n in ("w_gate", "w_up") and hasattr(blk, "w_gate"):
+            count = 0  # the model runs them as one DUAL launch (the gate+up row below)
         add(f"gemv {n} {tuple(w.shape)}", lambda step=step: step("gemv"), w.nbytes, count)
         add(f"cublas {n} {tuple(w.shape)}", lambda step=step: step("cublas"), w.nbytes, 0)
     if hasattr(blk, "w_gate"):
@@ -157,13 +190,16 @@ def op_times(cp: Any, cfg: Any, model: Any, arena: Any, batch: int, ctx: int) ->
             it2["i"] = (it2["i"] + 1) % 4
             return rf.linear_swiglu(h, wg[it2["i"]], wu[it2["i"]])
 
-        add("gemv gate+up+swiglu (fused)", dual, 2 * blk.w_gate.nbytes, model.num_layers)
+        add("gemv gate+up+swiglu (fused)", dual, 2 * blk.w_gate.nbytes, 0 if fused else model.num_layers)
         inter = blk.w_gate.shape[1]
         a, b = cp.ones((batch, inter), dt), cp.ones((batch, inter), dt)
         add("swiglu", lambda: rf.swiglu(a, b), 0, 0)
     g = cp.ones((batch, h.shape[1]), dt)
-    add("add_rms_norm", lambda: rf.add_rms_norm(h, g, cp.ones(h.shape[1], dt), 1e-5), 0, 2 * model.num_layers)
-    add("rms_norm", lambda: rf.rms_norm(h, cp.ones(h.shape[1], dt), 1e-5), 0, 1)
+    norms = 0 if fused else 2 * model.num_layers
+    add("add_rms_norm", lambda: rf.add_rms_norm(h, g, cp.ones(h.shape[1], dt), 1e-5), 0, norms)
+    add("rms_norm", lambda: rf.rms_norm(h, cp.ones(h.shape[1], dt), 1e-5), 0, 0 if fused else 1)
+    if hasattr(blk, "w_gate"):
+        fused_times(cp, add, model, copies_of, h, g, fused)
     # attention of one layer over a context of `ctx` tokens per sequence, and the rope + cache write
     cfg_ = model.config
     nh = cfg_.num_attention_heads if hasattr(cfg_, "num_attention_heads") else cfg_.n_head
@@ -190,12 +226,46 @@ def op_times(cp: Any, cfg: Any, model: Any, arena: Any, batch: int, ctx: int) ->
     return rows
 
 
+def fused_times(
+    cp: Any, add: Any, model: Any, copies_of: dict[str, list[Any]], x: Any, a: Any, on: bool
+) -> None:
+    """rf.add_rms_norm_linear (residual add + RMSNorm + GEMV in one launch) for the qkv (with and without
+    the add: layer 0 has none), the gate/up DUAL and the lm head, weights cycled from HBM as above; counted
+    when the model's step runs them (`on`)."""
+    n_layers = model.num_layers
+    ln = cp.ones(x.shape[1], x.dtype)
+    it = {"i": 0}
+
+    def call(name: str, addend: Any, dual: bool = False) -> Any:
+        ws = copies_of[name]
+        it["i"] = (it["i"] + 1) % len(ws)
+        w2 = copies_of["w_up"][it["i"] % len(copies_of["w_up"])] if dual else None
+        return rf.add_rms_norm_linear(addend, x, ln, 1e-5, ws[it["i"]], w2=w2)
+
+    qkv, gate, head = copies_of["w_qkv"][0], copies_of["w_gate"][0], copies_of["lm_head"][0]
+    shape = f"{tuple(qkv.shape)}"
+    add(
+        f"fused add_rms_norm+gemv w_qkv {shape}",
+        lambda: call("w_qkv", a),
+        qkv.nbytes,
+        n_layers - 1 if on else 0,
+    )
+    add(f"fused rms_norm+gemv w_qkv {shape} (layer 0)", lambda: call("w_qkv", None), qkv.nbytes, int(on))
+    add(
+        f"fused add_rms_norm+gemv gate+up+swiglu {tuple(gate.shape)}",
+        lambda: call("w_gate", a, dual=True), 2 * gate.nbytes, n_layers if on else 0,
+    )  # fmt: skip
+    add(
+        f"fused add_rms_norm+gemv lm_head {tuple(head.shape)}",
+        lambda: call("lm_head", a),
+        head.nbytes,
+        int(on),
+    )
+
+
 def nk_sweep(cp: Any, batches: list[int]) -> list[dict[str, Any]]:
     """gemv_nk (each compiled configuration) against cuBLAS on the decoders' shapes, HBM-resident weights, at
     each batch size: where the GEMV pays (rf.linear's GEMV_MAX_ROWS) and which configuration (_nk_config)."""
-    import importlib
-
-    lin = importlib.import_module("rawformer.ops.linear")
     shapes = [(2560, 2048), (2048, 2048), (5632, 2048), (2048, 5632), (32000, 2048), (2304, 768), (768, 3072)]
     out = []
     rng = np.random.default_rng(0)

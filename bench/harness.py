@@ -708,7 +708,7 @@ def markdown_report(
 
 def acceptance_lines(verdicts: Sequence[Verdict]) -> list[str]:
     """The markdown acceptance section: a heading, the count per status, one bullet per verdict."""
-    counts = {s: sum(v.status == s for v in verdicts) for s in ("PASS", "FAIL", "SKIP")}
+    counts = {s: sum(v.status == s for v in verdicts) for s in ("PASS", "FAIL", "SKIP", "N/A")}
     return [
         "## ACCEPTANCE",
         "",

@@ -18,9 +18,12 @@ decode kernel against the copy and cuBLAS ceilings measured in the same run.
 3. Kernel: rf.mla_decode on a paged latent cache of --kernel-seqs sequences of --kernel-context tokens, with
    16 heads (few heads: memory-bound; bytes = latent rows read + q + out) and 128 heads (compute-bound;
    FLOPs = 2 x rows x context x (R + Dr + R)). Checked against the float64 reference first; CUDA events,
-   median, cold L2 (the cache is > 4x L2). Acceptance: >= 70% of the copy ceiling (16 heads) and >= 40% of
-   the cuBLAS fp16 8192^3 TFLOP/s (128 heads), both measured in this run. FlashMLA (deepseek-ai, H800 SXM5)
-   publishes up to 3000 GB/s memory-bound and 580 TFLOP/s compute-bound: quoted beside, not measured.
+   median, cold L2 (the cache is > 4x L2). Rows: the default kernel, then v1, v2 and v3 each with its own
+   default tile config; --variants all adds every v2 / v3 tile config and forced split counts. Acceptance:
+   >= 70% of the copy ceiling (16 heads) and >= 40% of the cuBLAS fp16 8192^3 TFLOP/s (128 heads), both
+   measured in this run, judged on the default kernel and on v3 (the candidate default) beside it. FlashMLA
+   (deepseek-ai, H800 SXM5) publishes up to 3000 GB/s memory-bound and 580 TFLOP/s compute-bound: quoted
+   beside, not measured.
 """
 
 from __future__ import annotations
@@ -126,15 +129,18 @@ def decode_throughput(cp: Any, kind: str, cfg: Any, budget: int, context: int, s
 
 
 def kernel_variants(which: str) -> list[tuple[str, dict[str, Any]]]:
-    """("default", {}) (what rf.mla_decode picks) and, with which="all", v1, every v2 tile config and the
-    default kernel with forced split counts."""
+    """("default", {}) (what rf.mla_decode picks), then v1, v2 and v3 each with its own default tile config;
+    with which="all" also every v2 and v3 tile config and the default kernel and v3 with forced split
+    counts."""
     from rawformer.ops import mla as mla_op
 
     out: list[tuple[str, dict[str, Any]]] = [("default", {})]
+    out += [(f"v{v}", {"version": v}) for v in mla_op.VERSIONS]
     if which == "all":
-        out.append(("v1", {"version": 1}))
         out += [(f"v2 {c}", {"version": 2, "tile_config": c}) for c in mla_op.V2_CONFIGS]
+        out += [(f"v3 {c}", {"version": 3, "tile_config": c}) for c in mla_op.V3_CONFIGS]
         out += [(f"default, {n} split(s)", {"num_splits": n}) for n in (1, 4)]
+        out += [(f"v3, {n} split(s)", {"version": 3, "num_splits": n}) for n in (1, 2, 4, 8)]
     return out
 
 
@@ -197,31 +203,33 @@ def verdicts(dec: list[dict], kern: list[dict], ceiling: dict, matmul: dict) -> 
         )
     else:
         out.append(harness.Verdict("FAIL", "decode throughput: not measured (see errors)"))
-    # the verdicts judge what rf.mla_decode runs by default; the sweep rows (--variants all) are for choosing
-    few = [k for k in kern if k.get("heads") == 16 and "gbps" in k and k.get("variant") == "default"]
-    many = [k for k in kern if k.get("heads") == 128 and "tflops" in k and k.get("variant") == "default"]
-    if few:
-        f = few[0]["gbps"] / ceiling["ceiling_gbps"]
-        out.append(
-            harness.Verdict(
-                "PASS" if f >= ACCEPT_COPY else "FAIL",
-                f"mla_decode 16 heads: {few[0]['gbps']:.0f} GB/s = {100 * f:.0f}% of the copy "
-                f"ceiling {ceiling['ceiling_gbps']:.0f} (>= {100 * ACCEPT_COPY:.0f}%)",
+    # the verdicts judge what rf.mla_decode runs by default, and v3 (with its own default tile config) as the
+    # candidate default beside it; the sweep rows (--variants all) are for choosing
+    for variant, label in (("default", "mla_decode"), ("v3", "mla_decode v3 (candidate default)")):
+        few = [k for k in kern if k.get("heads") == 16 and "gbps" in k and k.get("variant") == variant]
+        many = [k for k in kern if k.get("heads") == 128 and "tflops" in k and k.get("variant") == variant]
+        if few:
+            f = few[0]["gbps"] / ceiling["ceiling_gbps"]
+            out.append(
+                harness.Verdict(
+                    "PASS" if f >= ACCEPT_COPY else "FAIL",
+                    f"{label} 16 heads: {few[0]['gbps']:.0f} GB/s = {100 * f:.0f}% of the copy "
+                    f"ceiling {ceiling['ceiling_gbps']:.0f} (>= {100 * ACCEPT_COPY:.0f}%)",
+                )
             )
-        )
-    else:
-        out.append(harness.Verdict("FAIL", "mla_decode 16 heads: not measured"))
-    if many:
-        f = many[0]["tflops"] / matmul["matmul_tflops"]
-        out.append(
-            harness.Verdict(
-                "PASS" if f >= ACCEPT_MATMUL else "FAIL",
-                f"mla_decode 128 heads: {many[0]['tflops']:.0f} TFLOP/s = {100 * f:.0f}% of "
-                f"cuBLAS fp16 {matmul['matmul_tflops']:.0f} (>= {100 * ACCEPT_MATMUL:.0f}%)",
+        elif variant == "default" or any(k.get("variant") == variant for k in kern):
+            out.append(harness.Verdict("FAIL", f"{label} 16 heads: not measured"))
+        if many:
+            f = many[0]["tflops"] / matmul["matmul_tflops"]
+            out.append(
+                harness.Verdict(
+                    "PASS" if f >= ACCEPT_MATMUL else "FAIL",
+                    f"{label} 128 heads: {many[0]['tflops']:.0f} TFLOP/s = {100 * f:.0f}% of "
+                    f"cuBLAS fp16 {matmul['matmul_tflops']:.0f} (>= {100 * ACCEPT_MATMUL:.0f}%)",
+                )
             )
-        )
-    else:
-        out.append(harness.Verdict("FAIL", "mla_decode 128 heads: not measured"))
+        elif variant == "default" or any(k.get("variant") == variant for k in kern):
+            out.append(harness.Verdict("FAIL", f"{label} 128 heads: not measured"))
     return out  # fmt: skip
 
 
@@ -289,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--variants",
         choices=("default", "all"),
         default="default",
-        help="kernel rows: the default kernel only, or v1 and every v2 tile config too",
+        help="kernel rows: the default kernel and v1 / v2 / v3, or also every v2 / v3 tile config and split",
     )
     p.add_argument("--kernel-only", action="store_true", help="skip the decode-throughput comparison")
     p.add_argument("--quick", action="store_true", help="smaller budget and kernel case, results into $OUT")

@@ -56,7 +56,7 @@ CONFIGS: dict[str, tuple[int, int, str]] = {  # name -> (K, N, what)
 QUICK_CONFIGS = ("4096x4096", "11008x4096")
 IMPLS = (
     "rawformer", "v1", "v2", "v3", "g128", "gemv_path", "gemm_path", "cublas_fp16", "rf_fp16", "chain",
-    "rf_fp16_chain",
+    "rf_fp16_chain", "copy_same_bytes",
 )  # fmt: skip
 ACCEPT_CEILING = 0.80
 ACCEPT_VS_CUBLAS = 1.6
@@ -79,7 +79,7 @@ class Case:
     def __init__(self, cp: Any, rf: Any, k: int, n: int, m: int, l2_bytes: int, seed: int) -> None:
         from rawformer.ops.quant import QuantizedWeight, dequantize_int8
 
-        self.cp, self.k, self.n, self.m = cp, k, n, m
+        self.cp, self.k, self.n, self.m, self.l2_bytes = cp, k, n, m, l2_bytes
         rs = cp.random.RandomState(seed)
         w = (rs.standard_normal((k, n), dtype=cp.float32) * 0.02).astype(cp.float16)
         self.x = rs.standard_normal((m, k), dtype=cp.float32).astype(cp.float16)
@@ -178,6 +178,8 @@ def bench_case(
     if rf_linear is not None:  # the models' layout: W^T (N, K) contiguous, passed as its (K, N) view
         ws = [cp.ascontiguousarray(w.T).T for w in ws]
         run("rf_fp16", [functools.partial(rf_linear, x, w) for w in ws], case.ref16, case.fp16_bytes())
+    if case.m == 1:
+        records.append(same_size_copy(name, case, cp, clock, reps, ceiling))
     if case.m == 1:  # inside a graph, back to back (nbytes: the whole chain's)
         chain = [functools.partial(rf.int8_linear, x, q) for q in qs[None]]
         run("chain", graph_call(cp, chain), case.ref[None], case.int8_bytes(None) * len(chain))
@@ -185,6 +187,28 @@ def bench_case(
             chain16 = [functools.partial(rf_linear, x, w) for w in ws]
             run("rf_fp16_chain", graph_call(cp, chain16), case.ref16, case.fp16_bytes() * len(chain16))
     return records
+
+
+def same_size_copy(name: str, case: Case, cp: Any, clock: Any, reps: int, ceiling: float) -> dict:
+    """cudaMemcpyAsync moving the INT8 GEMV's bytes (half read, half written), timed like the kernels: what
+    the copy that defines the ceiling reaches at this size, fixed per-launch costs included (the ceiling
+    itself is measured on 1 GiB, where they vanish). Not an acceptance baseline: context for small shapes."""
+    half = case.int8_bytes(None) // 32 * 16
+    sets = harness.rotation_sets(2 * half, case.l2_bytes)
+    rs = cp.random.RandomState(5)
+    bufs = [(rs.randint(0, 256, half, dtype=cp.uint8), cp.zeros(half, dtype=cp.uint8)) for _ in range(sets)]
+    calls = [functools.partial(d.data.copy_from_device_async, s.data, half) for s, d in bufs]
+    calls[0]()
+    src, dst = bufs[0]
+    ok = bool((src == dst).all())  # the copy is checked like the kernels (bytes equal: error 0)
+    rec = harness.make_record(
+        op=OP, direction=f"b{case.m}", impl="copy_same_bytes", config=name, shape=(case.k, case.n),
+        dtype="float16", nbytes=2 * half, flops=0, ceiling_gbps=ceiling, input_sets=sets,  # the case's row
+        max_error=0.0 if ok else 1.0, status="ok" if ok else "wrong",
+        timing=harness.time_calls(calls, clock, reps=reps) if ok else None,
+    )  # fmt: skip
+    harness.log(harness.format_line(rec))
+    return rec
 
 
 def graph_call(cp: Any, calls: list[Callable[[], Any]]) -> list[Callable[[], Any]]:
@@ -297,29 +321,32 @@ def e2e_one(
 
 
 def projection_calls(cp: Any, model: Any) -> list[Callable[[], Any]]:
-    """One decode step's projections of a Llama model at batch 1, as models/llama.py calls them (fused qkv,
-    o, the gate/up SwiGLU pair, down, per block; the lm head), on random fp16 inputs of the right widths."""
-    from rawformer.models.common import linear, linear_swiglu
+    """One decode step's projections of a Llama model at batch 1, as models/llama.py calls them (per block:
+    the norm + fused qkv, o, the norm + gate/up SwiGLU pair, down; the final norm + lm head; the norms in
+    the GEMVs' prologues, models/common.norm_linear), on random fp16 inputs of the right widths."""
+    from rawformer.models.common import linear, norm_linear
 
     inputs: dict[int, Any] = {}
 
-    def x_for(k: int) -> Any:
-        if k not in inputs:
-            inputs[k] = cp.random.RandomState(k).standard_normal((1, k), dtype=cp.float32).astype(cp.float16)
-        return inputs[k]
+    def x_for(k: int, seed: int = 0) -> Any:
+        if (k, seed) not in inputs:
+            rs = cp.random.RandomState(k + seed)
+            inputs[k, seed] = rs.standard_normal((1, k), dtype=cp.float32).astype(cp.float16)
+        return inputs[k, seed]
 
+    eps = model.config.rms_norm_eps
     calls = []
     for blk in model.blocks:
-        calls.append(functools.partial(linear, x_for(blk.w_qkv.shape[0]), blk.w_qkv, blk.b_qkv))
+        h = blk.ln_1.shape[0]
+        a, x = x_for(h, 1), x_for(h)
+        calls.append(functools.partial(norm_linear, a, x, blk.ln_1, eps, blk.w_qkv, blk.b_qkv))
         calls.append(functools.partial(linear, x_for(blk.w_o.shape[0]), blk.w_o, blk.b_o))
         calls.append(
-            functools.partial(
-                linear_swiglu, x_for(blk.w_gate.shape[0]), blk.w_gate, blk.w_up, blk.b_gate, blk.b_up
-            )
+            functools.partial(norm_linear, a, x, blk.ln_2, eps, blk.w_gate, blk.b_gate, blk.w_up, blk.b_up)
         )
         calls.append(functools.partial(linear, x_for(blk.w_down.shape[0]), blk.w_down, blk.b_down))
-    head = model.lm_head.T
-    calls.append(functools.partial(linear, x_for(head.shape[0]), head))
+    h = model.norm.shape[0]
+    calls.append(functools.partial(norm_linear, x_for(h, 1), x_for(h), model.norm, eps, model.lm_head.T))
     return calls
 
 
@@ -330,8 +357,9 @@ def gemv_step_ms(cp: Any, model: Any, reps: int = 20) -> float:
 
 
 def step_split(cp: Any, model: Any, rec: dict, wbytes: int, ceiling: float) -> dict:
-    """The decode step split into its projections (gemv_step_ms) and the rest (step - projections:
-    attention, norms, RoPE, KV writes, embedding, sampling, graph launch and host time per token)."""
+    """The decode step split into its projections (gemv_step_ms, their RMSNorms in the GEMVs' prologues
+    included) and the rest (step - projections: attention, RoPE, KV writes, embedding, sampling, graph
+    launch and host time per token)."""
     step = 1e3 / rec["decode_only_tok_s"] if rec.get("decode_only_tok_s") else None
     gemv = gemv_step_ms(cp, model)
     out = {
@@ -518,7 +546,9 @@ def write_results(
         "+ y",
         "- impls: rawformer = rf.int8_linear per-channel, default path and version; v1-v3 = GEMV versions; "
         "g128 = group-wise; gemv_path / gemm_path = forced paths; cublas_fp16 = cupy.matmul; rf_fp16 = "
-        "rf.linear",
+        "rf.linear; chain / rf_fp16_chain = every rotation set's GEMV back to back in one CUDA graph (as "
+        "in a decode step; GB/s over the whole chain); copy_same_bytes = cudaMemcpyAsync moving the INT8 "
+        "GEMV's bytes (half read, half written): the copy at this size, per-launch costs included",
     ]
     md = harness.markdown_report(
         f"Weight-only INT8 GEMV on {header.get('gpu', '?')}", header, records, impls=IMPLS, main="rawformer",

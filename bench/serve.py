@@ -20,7 +20,10 @@ static    The 1B Llama config (fp16, random weights) on one mixed offline worklo
           queued at
           once: static batching (rawformer.runtime.Generator: waves of --batch requests, each wave held until
           its longest request ends) vs continuous batching (rawformer.runtime.Engine, the same batch limit).
-          Acceptance: continuous >= 2x static generated tokens/s.
+          Acceptance: continuous >= 2x static generated tokens/s. Printed too: the continuous steps by kind
+          (overlapped / graph / eager / mixed: count, mean ms, host / wait / token parts, why steps were
+          synchronous), the static run's decode steps, and (unless --no-compare-sync) the continuous run
+          again with overlapped decode off.
 pressure  The 1B config in float32: the same workload through an Engine with an ample KV pool and through
           one with a quarter of the blocks the workload wants at once (preemption by swap, then by
           recompute). Acceptance: every request's tokens are identical to the ample run's, preemptions
@@ -45,7 +48,7 @@ import harness
 import numpy as np
 
 from rawformer.commands._model import load_model
-from rawformer.commands.bench import percentile, run_continuous, run_static
+from rawformer.commands.bench import format_breakdown, percentile, run_continuous, run_static
 from rawformer.runtime import Generator, make_pool
 from rawformer.runtime.generate import _model_limit
 
@@ -250,7 +253,7 @@ def part_static(args: argparse.Namespace) -> tuple[dict, list]:
     warm = log_uniform_workload(2 * args.batch, model.vocab_size, (16, 512), (16, 64), seed=3, max_len=lim)
     run_continuous(engine, warm)
     run_static(model, engine.pool, warm, args.batch)
-    engine.scheduler.totals.update({k: 0 for k in engine.scheduler.totals})
+    engine.scheduler.reset_stats()
     harness.log(f"static: {len(work)} requests, {sum(m for _, m in work)} new tokens")
     stat = run_static(model, engine.pool, work, args.batch)
     cont = run_continuous(engine, work)
@@ -261,6 +264,16 @@ def part_static(args: argparse.Namespace) -> tuple[dict, list]:
         f"{cont['tokens_per_s']:.0f} tok/s ({cont['seconds']:.2f} s, {cont['steps']} steps): {ratio:.2f}x; "
         f"{same}/{len(work)} requests token-identical ({dtype})"
     )
+    # where the continuous time goes (steps by kind) and the static run's split
+    harness.log("static: continuous steps by kind (mean per step; host = before the launch):")
+    for line in format_breakdown(cont["breakdown"]):
+        harness.log(line)
+    ds = max(1, stat["decode_steps"])
+    harness.log(
+        f"static: static runs {stat['decode_steps']} decode steps ({stat['overlapped_steps']} overlapped), "
+        f"{1e3 * stat['decode_s'] / ds:.3f} ms per decode step, prefill {stat['prefill_s']:.2f} s in "
+        f"{stat['prefill_forwards']} forwards"
+    )
     rec = dict(
         part="static",
         model=args.static_model,
@@ -270,6 +283,22 @@ def part_static(args: argparse.Namespace) -> tuple[dict, list]:
         speedup=ratio,
         identical=same,
     )
+    if args.compare_sync and engine.scheduler.overlap_host:  # the same run with every step synchronous
+        sch = engine.scheduler
+        sch.reset_stats()
+        sch.overlap_host = False
+        try:
+            sync = run_continuous(engine, work)
+        finally:
+            sch.overlap_host = True
+        sync.pop("token_ids")
+        harness.log(
+            f"static: continuous without overlap {sync['tokens_per_s']:.0f} tok/s ({sync['seconds']:.2f} s, "
+            f"{sync['steps']} steps); with overlap {cont['tokens_per_s']:.0f} tok/s"
+        )
+        for line in format_breakdown(sync["breakdown"]):
+            harness.log(line)
+        rec["continuous_sync"] = sync
     v = harness.Verdict(
         "PASS" if ratio >= ACCEPT_SPEEDUP else "FAIL",
         f"continuous batching >= {ACCEPT_SPEEDUP:g}x static batching throughput ({args.static_model}, "
@@ -347,6 +376,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--admit-batch", type=int, default=None, help="continuous: Scheduler admit_batch (default)"
     )
     p.add_argument("--budget", type=int, default=4096, help="continuous: tokens per step (default 4096)")
+    p.add_argument(
+        "--no-compare-sync", dest="compare_sync", action="store_false",
+        help="static: skip the extra continuous run with overlapped decode off",
+    )  # fmt: skip
     p.add_argument("--static-requests", type=int, default=256, help="static: requests (default 256)")
     p.add_argument("--pressure-requests", type=int, default=96, help="pressure: requests (default 96)")
     return p

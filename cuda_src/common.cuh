@@ -190,6 +190,16 @@ __device__ __forceinline__ void pdl_wait() {
 #endif
 }
 
+// `p` again, through a volatile asm after which the compiler cannot move loads that depend on the result:
+// read what the previous kernel writes through rf::after_pdl_wait(p), called after pdl_wait(). (A load
+// through a const __restrict__ pointer, or __ldg's "invariant" load, may otherwise be hoisted above the
+// wait's memory clobber.)
+template <typename T> __device__ __forceinline__ const T* after_pdl_wait(const T* p) {
+  const T* q;
+  asm volatile("mov.b64 %0, %1;" : "=l"(q) : "l"(p) : "memory");
+  return q;
+}
+
 __device__ __forceinline__ void pdl_launch_dependents() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");

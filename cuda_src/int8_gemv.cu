@@ -35,7 +35,9 @@
 //     not be written by the kernel launched just before (model weights are written once at load;
 //     quantize_int8 synchronizes its stream before it returns).
 //   - weights stream once: ld.global.nc.L1::no_allocate 16-byte loads (L1 is left to x, which every warp
-//     rereads); x comes through the read-only path (16 halves = two 16-byte loads per token and chunk).
+//     rereads); x comes through L1 with ordinary loads kept after the PDL wait (rf::after_pdl_wait; 16 halves =
+//     two 16-byte loads per token and chunk). The first version read x with __ldg: the compiler may hoist
+//     such "invariant" loads above the wait, and a captured PDL chain read stale x (NaN outputs on the H100).
 //   - int8 -> fp32 without I2F (quarter rate on sm_90): xor 0x80 makes the byte biased-unsigned, PRMT puts it
 //     in the mantissa of 2^23 (0x4B0000bb = 2^23 + b + 128), one FADD of -(2^23 + 128) gives q exactly.
 //   - fp32 accumulation: each chunk's 16 products summed in fp32 into a fresh partial, then added (times the
@@ -51,6 +53,7 @@
 // feeds that fp16 matrix to cuBLAS: a first version before a dequantizing tensor-core GEMM).
 
 #include "common.cuh"
+#include "norm_prologue.cuh"
 
 namespace rf_int8 {
 
@@ -94,7 +97,7 @@ __device__ __forceinline__ void load_x16(const __half* p, float (&f)[kChunk]) {
   const uint4* v = reinterpret_cast<const uint4*>(p);
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
-    const uint4 u = __ldg(v + i);
+    const uint4 u = v[i];
     const unsigned w[4] = {u.x, u.y, u.z, u.w};
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
@@ -109,7 +112,28 @@ __device__ __forceinline__ void load_x16(const float* p, float (&f)[kChunk]) {
   const float4* v = reinterpret_cast<const float4*>(p);
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    const float4 t = __ldg(v + i);
+    const float4 t = v[i];
+    f[4 * i] = t.x;
+    f[4 * i + 1] = t.y;
+    f[4 * i + 2] = t.z;
+    f[4 * i + 3] = t.w;
+  }
+}
+
+// 16 consecutive values of h (the NORM prologue's staging in shared memory) as floats.
+__device__ __forceinline__ void load_h16(const __half* p, float (&f)[kChunk]) {
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const float2 t = __half22float2(reinterpret_cast<const __half2*>(p)[i]);
+    f[2 * i] = t.x;
+    f[2 * i + 1] = t.y;
+  }
+}
+
+__device__ __forceinline__ void load_h16(const float* p, float (&f)[kChunk]) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float4 t = reinterpret_cast<const float4*>(p)[i];
     f[4 * i] = t.x;
     f[4 * i + 1] = t.y;
     f[4 * i + 2] = t.z;
@@ -145,12 +169,16 @@ template <> __device__ __forceinline__ void store16<float>(float* p, const float
 // warp for the same rows (virtual rows R..2R-1), and y[m, n] = silu(gate) * up of the two float sums.
 // PDL: dependents are triggered at entry; the first step's weight loads (and the scales: no kernel of a step
 // writes weights) are issued before rf::pdl_wait(); x and the biases are read and y written after it.
-template <typename T, int M, int G, int R, int U_, int W, bool DUAL>
-__global__ void __launch_bounds__(W * rf::kWarp, (rf_int8::MinCtas<W, M, (G > 0), (DUAL ? 2 * R : R), (sizeof(T) == 4)>::value))
-    int8_gemv(const T* __restrict__ x, const signed char* __restrict__ q, const __half* __restrict__ scales,
-              const T* __restrict__ bias, const signed char* __restrict__ q2, const __half* __restrict__ scales2,
-              const T* __restrict__ bias2, T* __restrict__ y, int m_rows, int n_rows, int chunks, int ldx, int ldq,
-              int ngroups, int ldy) {
+// NORM (int8_gemv_norm): x is the pre-norm residual stream and the dot products read h = rms_norm(x + a) *
+// ln_w, computed by every CTA into shared memory (norm_prologue.cuh; CTA 0 writes s = x + a to s_out). Then
+// no warp returns early (all take part in the block's reduction) and the chunk loop has the same trip count
+// for every thread (the prologue sits in its first iteration, after the first weight loads are issued).
+template <typename T, int M, int G, int R, int U_, int W, bool DUAL, bool NORM>
+__device__ __forceinline__ void int8_gemv_rows(
+    const T* __restrict__ x, const signed char* __restrict__ q, const __half* __restrict__ scales,
+    const T* __restrict__ bias, const signed char* __restrict__ q2, const __half* __restrict__ scales2,
+    const T* __restrict__ bias2, T* __restrict__ y, int m_rows, int n_rows, int chunks, int ldx, int ldq, int ngroups,
+    int ldy, const T* __restrict__ a, int lda, const T* __restrict__ ln_w, T* __restrict__ s_out, int lds, float eps) {
   using namespace rf_int8;
   constexpr int RR = DUAL ? 2 * R : R;  // rows of weights a warp reads: R of q, then (DUAL) the same R of q2
   constexpr int U = DUAL && U_ > 1 ? U_ / 2 : U_;  // chunks per row and lane in flight: DUAL reads two rows
@@ -160,7 +188,12 @@ __global__ void __launch_bounds__(W * rf::kWarp, (rf_int8::MinCtas<W, M, (G > 0)
   rf::pdl_launch_dependents();
   const int lane = threadIdx.x % rf::kWarp;
   const int row0 = (blockIdx.x * W + threadIdx.x / rf::kWarp) * R;
-  if (row0 >= n_rows) return;  // a whole warp past the end (only in the last CTA; the others wait)
+  if constexpr (!NORM) {
+    if (row0 >= n_rows) return;  // a whole warp past the end (only in the last CTA; the others wait)
+  }
+  extern __shared__ __align__(16) unsigned char int8_gemv_smem[];
+  T* hs = reinterpret_cast<T*>(int8_gemv_smem);  // NORM: h [m_rows][chunks * 16]
+  __shared__ float partial[NORM ? W : 1][M];
   const signed char* qrow[RR];
   const __half* srow[RR];
   int row[R];
@@ -177,8 +210,10 @@ __global__ void __launch_bounds__(W * rf::kWarp, (rf_int8::MinCtas<W, M, (G > 0)
   float chan_scale[RR], chan_bias[RR];
 #pragma unroll
   for (int rr = 0; rr < RR; ++rr) chan_scale[rr] = G == 0 ? __half2float(srow[rr][0]) : 1.f;
+  const T* xw = x;  // x read through rf::after_pdl_wait (common.cuh), set right after the wait
   const auto wait_then_load_biases = [&]() {
     rf::pdl_wait();
+    xw = rf::after_pdl_wait(x);
 #pragma unroll
     for (int rr = 0; rr < RR; ++rr) {
       const T* b = rr < R ? bias : bias2;
@@ -192,7 +227,10 @@ __global__ void __launch_bounds__(W * rf::kWarp, (rf_int8::MinCtas<W, M, (G > 0)
     for (int m = 0; m < M; ++m) acc[rr][m] = 0.f;
 
   bool waited = false;
-  for (int c0 = lane; c0 < chunks; c0 += rf::kWarp * U) {
+  // NORM: the same trip count for every thread (the block syncs in the first iteration); else each lane stops
+  // after its last chunk (that form of the loop: the other spills registers at 64)
+  for (int it = NORM ? 0 : lane; it < chunks; it += rf::kWarp * U) {
+    const int c0 = NORM ? it + lane : it;
     uint4 raw[U][RR];
     __half2 s[(U + 1) / 2][RR];  // group scales (G > 0), two per register: U = 8 would not fit 64 otherwise
 #pragma unroll
@@ -211,6 +249,9 @@ __global__ void __launch_bounds__(W * rf::kWarp, (rf_int8::MinCtas<W, M, (G > 0)
     if (!waited) {  // x is the previous kernel's output
       wait_then_load_biases();
       waited = true;
+      if constexpr (NORM)
+        rf::stage_rms_norm<T, M, 16 / sizeof(T), W * rf::kWarp>(xw, ldx, rf::after_pdl_wait(a), lda, ln_w, s_out, lds,
+                                                                 m_rows, chunks * kChunk, eps, hs, partial);
     }
 #pragma unroll
     for (int u = 0; u < U; ++u) {
@@ -223,7 +264,11 @@ __global__ void __launch_bounds__(W * rf::kWarp, (rf_int8::MinCtas<W, M, (G > 0)
         for (int m = 0; m < M; ++m) {
           if (M == 1 || m < m_rows) {
             float xf[kChunk];
-            load_x16(x + static_cast<size_t>(m) * ldx + c * kChunk, xf);
+            if constexpr (NORM) {
+              load_h16(hs + static_cast<size_t>(m) * chunks * kChunk + c * kChunk, xf);
+            } else {
+              load_x16(xw + static_cast<size_t>(m) * ldx + c * kChunk, xf);
+            }
 #pragma unroll
             for (int rr = 0; rr < RR; ++rr) {
               float t0 = 0.f, t1 = 0.f;  // two chains: half the FMA latency on the critical path
@@ -259,6 +304,31 @@ __global__ void __launch_bounds__(W * rf::kWarp, (rf_int8::MinCtas<W, M, (G > 0)
         y[static_cast<size_t>(m) * ldy + row0 + r] = rf::from_acc<T>(v);
     }
   }
+}
+
+template <typename T, int M, int G, int R, int U_, int W, bool DUAL>
+__global__ void __launch_bounds__(W * rf::kWarp, (rf_int8::MinCtas<W, M, (G > 0), (DUAL ? 2 * R : R), (sizeof(T) == 4)>::value))
+    int8_gemv(const T* __restrict__ x, const signed char* __restrict__ q, const __half* __restrict__ scales,
+              const T* __restrict__ bias, const signed char* __restrict__ q2, const __half* __restrict__ scales2,
+              const T* __restrict__ bias2, T* __restrict__ y, int m_rows, int n_rows, int chunks, int ldx, int ldq,
+              int ngroups, int ldy) {
+  int8_gemv_rows<T, M, G, R, U_, W, DUAL, false>(x, q, scales, bias, q2, scales2, bias2, y, m_rows, n_rows, chunks, ldx,
+                                                 ldq, ngroups, ldy, nullptr, 0, nullptr, nullptr, 0, 0.f);
+}
+
+// y = rms_norm(x + a) * ln_w @ dequant(W) (+ b): the GEMV with the norm in its prologue (NORM above); needs
+// m_rows * chunks * 16 * sizeof(T) bytes of dynamic shared memory and x columns == chunks * 16 (no padding).
+// Launch bounds as for four weight rows (24 warps per SM at one token, <= 85 registers): the prologue runs
+// while the first step's weight loads are in flight, and at 64 registers ptxas spills.
+template <typename T, int M, int G, int R, int U_, int W, bool DUAL>
+__global__ void __launch_bounds__(W * rf::kWarp, (rf_int8::MinCtas<W, M, (G > 0), 4, (sizeof(T) == 4)>::value))
+    int8_gemv_norm(const T* __restrict__ x, const signed char* __restrict__ q, const __half* __restrict__ scales,
+                   const T* __restrict__ bias, const signed char* __restrict__ q2, const __half* __restrict__ scales2,
+                   const T* __restrict__ bias2, T* __restrict__ y, int m_rows, int n_rows, int chunks, int ldx,
+                   int ldq, int ngroups, int ldy, const T* __restrict__ a, int lda, const T* __restrict__ ln_w,
+                   T* __restrict__ s_out, int lds, float eps) {
+  int8_gemv_rows<T, M, G, R, U_, W, DUAL, true>(x, q, scales, bias, q2, scales2, bias2, y, m_rows, n_rows, chunks, ldx,
+                                                ldq, ngroups, ldy, a, lda, ln_w, s_out, lds, eps);
 }
 
 // out[n, k] = q[n, k] * s(n, k) as T, for every 16-byte chunk of q [N, ldq] (out has the same layout).

@@ -10,7 +10,7 @@
 //   rope        [num_blocks, block_size, DR]    strides r_sb, r_st    R + DR, the rope key right after)
 //   block_tables int32 [num_seqs, table_stride]; context_lens int32 [num_seqs] (q_len new tokens included)
 //   out         C-contiguous __half [num_seqs, q_len, heads, R]
-//   part_out    float (v1) / __half (v2) [num_seqs, q_len, heads, num_splits, R];
+//   part_out    float (v1) / __half (v2, v3) [num_seqs, q_len, heads, num_splits, R];
 //   part_lse    float [num_seqs, q_len, heads, num_splits] (base 2)
 //
 // Maths: query row (token t, head h) sits at position ctx - q_len + t and sees positions 0..that.
@@ -60,10 +60,34 @@
 //         <512, 64, 2, 4, 32, 2>  32 rows, 4 warps, 113 KB: 2 CTAs per SM (default for > 16 rows)
 //         <512, 64, 1, 4, 64, 2>, <512, 64, 1, 2, 32, 4>, <512, 64, 4, 8, 32, 2>, <512, 64, 4, 8, 32, 3>:
 //           one CTA per SM (v1's shapes, a 4-deep ring), measured beside them by bench/mla.py --variants all.
+//   mla_decode_v3<R, DR, MT, WM, CG, TK, STAGES>  FlashMLA's shape on mma.sync: a CTA of 16 MT query rows
+//       (the heads of one sequence as the M dimension; 16 heads: one m16 tile, 128 heads: two CTAs of 4), Q and
+//       a STAGES-deep cp.async ring of TK-token [c ; k_r] tiles in UNPADDED shared memory, 16-byte chunk k of
+//       row j stored at chunk k ^ (j & 7) (ldmatrix rows of one 8x8 matrix fall in 8 different bank groups;
+//       R + DR = 576 halves = 72 chunks, a multiple of 8), which is what lets 64 rows + two 64-token stages
+//       (226 KB) fit in one CTA. Warps: RG = MT / WM row groups x CG column groups; warp (rg, c):
+//         S = Q K^T for its WM m16 tiles x tokens [c TK / CG, (c + 1) TK / CG) of the tile (36 k-steps,
+//             A and B by ldmatrix, 2 accumulator sets when there would be < 4 independent MMA chains);
+//         slice maxima -> shared, named barrier of the row group (bar.sync 1 + rg, 32 CG) -> every warp of
+//             the group derives the same new running max (registers), P = 2^(x - m) in fp16 -> shared, its
+//             own rescaled partial row sums (registers), named barrier;
+//         O (WM m16 tiles x R / CG columns, fp32 registers) = alpha O + P V, V = the latent part of the
+//             same tile (ldmatrix.trans);
+//       one __syncthreads per tile (tile landed, previous stage free); partial sums added after the last
+//       tile. Split-KV partials in fp16 + lse as v2, merged by mla_decode_combine_h.
+//       Configurations (python V3_CONFIGS, shared bytes = 2 (16 MT (R + DR) + STAGES TK (R + DR)
+//       + 16 MT (TK + 8)) + 4 CG 16 MT = MlaV3Shape::SMEM, python _smem_v3):
+//         <512, 64, 1, 1, 2, 32, 4>  16 rows, 2 warps x 256 columns, 4 stages of 32 tokens, 167 KB: <= 16
+//                                    rows (memory-bound: 3 tiles = 108 KB in flight per SM)
+//         <512, 64, 2, 1, 2, 32, 2>  32 rows, 4 warps, 113 KB, 2 CTAs per SM: 17 .. 32 rows
+//         <512, 64, 4, 2, 4, 64, 2>  64 rows, 8 warps of 32 rows x 128 columns (P V: 32 rows per V fragment),
+//                                    64-token tiles, 226 KB: > 32 rows (128 heads: compute-bound)
+//         <512, 64, 1, 1, 2, 32, 2>, <512, 64, 1, 1, 4, 64, 2>, <512, 64, 4, 1, 2, 32, 3>,
+//         <512, 64, 2, 2, 4, 64, 2>: candidates bench/mla.py --variants all measures beside them.
 //   mla_decode_combine<R, THREADS>, mla_decode_combine_h<R, THREADS>  one CTA per (seq, token, head) row:
-//       merge the splits' fp32 (v1) / fp16 (v2) partials (launched with programmatic dependent launch:
+//       merge the splits' fp32 (v1) / fp16 (v2, v3) partials (launched with programmatic dependent launch:
 //       rf::pdl_wait before reading them).
-// Kernel arguments (v1 and v2):
+// Kernel arguments (v1, v2 and v3):
 //   (q_absorbed, q_rope, latent, rope, block_tables, context_lens, out, part_out, part_lse,
 //    q_len, heads, log2_block, table_stride, split_tokens, num_splits,
 //    qa_ss, qa_st, qa_sh, qr_ss, qr_st, qr_sh, l_sb, l_st, r_sb, r_st, scale_log2)
@@ -561,6 +585,327 @@ __global__ void __launch_bounds__(32 * WARPS) mla_decode_v2(
     const float l = l_run[tid];
     part_lse[orow * num_splits + split] = l > 0.f ? m_fin[tid] + log2f(l) : NEG_INF;
   }
+}
+
+// mla_decode_v3: tensor cores with swizzled (unpadded) shared tiles so that 64 query rows and two 64-token
+// stages fit in one CTA (FlashMLA's shape), and with the warps of a row group talking only to each other:
+//   * warp (rg, c) of RG = MT / WM row groups x CG column groups owns the WM m16 tiles of row group rg and
+//     output columns [c R / CG, (c + 1) R / CG) (fp32 accumulators in registers), and computes the scores of
+//     its rows for tokens [c TK / CG, (c + 1) TK / CG) of every tile;
+//   * the CG warps of a row group exchange slice maxima and fp16 P through shared memory with a named barrier
+//     (bar.sync 1 + rg, 32 CG) twice per tile; one __syncthreads per tile guards the cp.async ring;
+//   * every warp of a group derives the same running max (the same fmaxf over the same values), so each
+//     keeps its own rescaled partial row sum and the partial sums are added once, after the last tile;
+//   * Q and K rows are 16-byte chunks stored at chunk ^ (row & 7): ldmatrix reads and cp.async writes are
+//     bank-conflict free without padding (KD / 8 = 72 chunks, a multiple of 8, so a row stays a row).
+namespace rf {
+
+template <int R, int DR, int MT, int WM, int CG, int TK, int STAGES> struct MlaV3Shape {
+  static constexpr int KD = R + DR;        // halves per Q / K row (no padding: swizzled)
+  static constexpr int LCH = R / 8;        // 16-byte chunks of latent per row
+  static constexpr int RCH = DR / 8;       // ... of rope key
+  static constexpr int ROWS = 16 * MT;     // query rows per CTA
+  static constexpr int RG = MT / WM;       // row groups
+  static constexpr int WARPS = RG * CG;
+  static constexpr int THREADS = 32 * WARPS;
+  static constexpr int NS = TK / CG;       // tokens of a tile whose scores one warp computes
+  static constexpr int NB = NS / 8;        // ... in n8 blocks
+  static constexpr int CW = R / CG;        // output columns per warp
+  static constexpr int ONB = CW / 8;       // ... in n8 blocks
+  static constexpr int PP = TK + 8;        // halves per P row (16 bytes of padding: conflict-free ldmatrix)
+  static constexpr int RPW = TK / WARPS;   // tile rows each warp loads
+  static constexpr int SETS = WM * NB >= 4 ? 1 : 2;  // score accumulator sets: >= 4 independent MMA chains
+  // bytes: Q [ROWS][KD], STAGES x K [TK][KD], P [ROWS][PP] halves; maxima / sums [CG][ROWS] floats
+  static constexpr int SMEM = 2 * (ROWS * KD + STAGES * TK * KD + ROWS * PP) + 4 * CG * ROWS;
+  static_assert(KD % 64 == 0, "Q / K rows: whole groups of 8 chunks (the swizzle and the 64-dim S loop)");
+  static_assert(LCH % 32 == 0 && RCH <= 32, "loader: latent chunks a multiple of 32, rope chunks <= 32");
+  static_assert(MT % WM == 0 && CG >= 2 && CG <= 8, "MT = row groups x WM; 2 to 8 column groups");
+  static_assert(NS % 16 == 0 && CW % 64 == 0, "score slices of whole 16 tokens, output slices of 64 columns");
+  static_assert(TK % WARPS == 0 && RPW <= 32, "loader: whole rows per warp, one table read per lane");
+  static_assert(RG <= 15, "named barriers 1 .. RG");
+  static_assert(STAGES >= 2 && STAGES <= 8, "2 to 8 cp.async stages");
+};
+
+// bar.sync on barrier `id` (1 ..) for `threads` threads (whole warps): orders shared memory like
+// __syncthreads among them.
+__device__ __forceinline__ void mla_group_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
+}  // namespace rf
+
+template <int R, int DR, int MT, int WM, int CG, int TK, int STAGES>
+__global__ void __launch_bounds__(rf::MlaV3Shape<R, DR, MT, WM, CG, TK, STAGES>::THREADS, 1) mla_decode_v3(
+    const __half* __restrict__ qa, const __half* __restrict__ qr, const __half* __restrict__ lat,
+    const __half* __restrict__ rope, const int* __restrict__ tables, const int* __restrict__ ctx_lens,
+    __half* __restrict__ out, __half* __restrict__ part_out, float* __restrict__ part_lse, int q_len,
+    int heads, int log2_block, int table_stride, int split_tokens, int num_splits, long long qa_ss,
+    long long qa_st, long long qa_sh, long long qr_ss, long long qr_st, long long qr_sh, long long l_sb,
+    long long l_st, long long r_sb, long long r_st, float scale_log2) {
+  using S = rf::MlaV3Shape<R, DR, MT, WM, CG, TK, STAGES>;
+  constexpr int KD = S::KD, ROWS = S::ROWS, PP = S::PP, NS = S::NS, NB = S::NB, CW = S::CW;
+  constexpr int ONB = S::ONB, WARPS = S::WARPS, RPW = S::RPW, SETS = S::SETS;
+  rf::pdl_launch_dependents();
+  rf::pdl_wait();  // q, the cache and the tables may come from the kernels before (launched with pdl=True)
+  const float NEG_INF = rf::mla_neg_inf();
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  __half* q_s = reinterpret_cast<__half*>(smem_raw);      // [ROWS][KD] swizzled
+  __half* k_s = q_s + ROWS * KD;                           // [STAGES][TK][KD] swizzled
+  __half* p_s = k_s + STAGES * TK * KD;                    // [ROWS][PP]
+  float* x_s = reinterpret_cast<float*>(p_s + ROWS * PP);  // [CG][ROWS] slice maxima; at the end: sums
+
+  const int rows_total = q_len * heads;
+  const int chunks = (rows_total + ROWS - 1) / ROWS;
+  const int seq = blockIdx.x / chunks, chunk = blockIdx.x % chunks, split = blockIdx.y;
+  const int tid = threadIdx.x, warp = tid / rf::kWarp, lane = tid % rf::kWarp;
+  const int g = lane / 4, cq = lane % 4;
+  const int rg = warp / CG, cg = warp % CG;
+  const int row0 = chunk * ROWS;
+  const int ctx = ctx_lens[seq];
+  const int begin = split * split_tokens;
+  const int end = min(ctx, begin + split_tokens);
+  const int num_tiles = end > begin ? (end - begin + TK - 1) / TK : 0;
+  const int* table = tables + static_cast<long long>(seq) * table_stride;
+  const int block_mask = (1 << log2_block) - 1;
+
+  // Q of the chunk's rows -> shared (rows past rows_total zero-filled), in the first tile's group
+  for (int i = tid; i < ROWS * (KD / 8); i += S::THREADS) {
+    const int rr = i / (KD / 8), c = i % (KD / 8), gr = row0 + rr;
+    const bool ok = gr < rows_total;
+    const int t = ok ? gr / heads : 0, h = ok ? gr % heads : 0;
+    const __half* src = c < S::LCH ? qa + seq * qa_ss + t * qa_st + h * qa_sh + c * 8
+                                   : qr + seq * qr_ss + t * qr_st + h * qr_sh + (c - S::LCH) * 8;
+    rf::cp_async_16(q_s + rr * KD + ((c ^ (rr & 7)) << 3), ok ? src : qa, ok);
+  }
+  // rows warp, warp + WARPS, ... of the tile: lane i reads the block id of the warp's i-th row
+  auto load_tile = [&](int tile, int stage) {
+    const int p0 = begin + tile * TK;
+    const int pl = p0 + warp + lane * WARPS;
+    const int my_blk = lane < RPW && pl < end ? table[pl >> log2_block] : 0;
+    __half* dst = k_s + stage * TK * KD;
+#pragma unroll
+    for (int i = 0; i < RPW; ++i) {
+      const int j = warp + i * WARPS, p = p0 + j, sw = j & 7;
+      const bool ok = p < end;  // past the range: zero-filled, nothing read
+      const long long blk = __shfl_sync(0xffffffffu, my_blk, i);
+      const int off = p & block_mask;
+      const __half* ls = lat + (blk * l_sb + off * l_st);
+      __half* d = dst + j * KD;
+#pragma unroll
+      for (int k = 0; k < S::LCH / 32; ++k) {
+        const int c = lane + 32 * k;
+        rf::cp_async_16(d + ((c ^ sw) << 3), ok ? ls + c * 8 : lat, ok);
+      }
+      if (lane < S::RCH) {
+        const int c = S::LCH + lane;
+        rf::cp_async_16(d + ((c ^ sw) << 3), ok ? rope + (blk * r_sb + off * r_st) + lane * 8 : rope, ok);
+      }
+    }
+  };
+
+  // per-lane byte offsets inside a group of 8 chunks (128 bytes) of a swizzled row whose row & 7 == lane & 7
+  // (true for every ldmatrix row below: their row bases are multiples of 8): chunk 2 j + hi -> (2 j + hi) ^ x
+  const int x = lane & 7;
+  unsigned off_hi[4], off_mid[4];  // hi = lane / 16 (Q A-fragments, V), hi = (lane / 8) % 2 (K B-fragments)
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    off_hi[j] = static_cast<unsigned>(((2 * j + (lane >> 4)) ^ x) << 4);
+    off_mid[j] = static_cast<unsigned>(((2 * j + ((lane >> 3) & 1)) ^ x) << 4);
+  }
+  const int wrow0 = rg * WM * 16;  // this warp's first row in the CTA
+  const unsigned q_base = rf::smem_addr(q_s) + (wrow0 + (lane & 15)) * KD * 2;
+  const unsigned p_base = rf::smem_addr(p_s) + ((wrow0 + (lane & 15)) * PP + (lane >> 4) * 8) * 2;
+  const unsigned k_rows = (cg * NS + (lane & 7) + (lane >> 4) * 8) * KD * 2;           // S: B rows
+  const unsigned v_rows = ((lane & 7) + ((lane >> 3) & 1) * 8) * KD * 2 + cg * CW * 2;  // P V: B rows
+
+  float o[WM][ONB][4];
+#pragma unroll
+  for (int wm = 0; wm < WM; ++wm)
+#pragma unroll
+    for (int nb = 0; nb < ONB; ++nb) o[wm][nb][0] = o[wm][nb][1] = o[wm][nb][2] = o[wm][nb][3] = 0.f;
+  float m_run[WM][2], l_part[WM][2];  // running max (base 2) of rows g, g + 8; this thread's partial sums
+  int last[WM][2];                    // last visible position of those rows (rows past rows_total: any)
+#pragma unroll
+  for (int wm = 0; wm < WM; ++wm)
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+      m_run[wm][hr] = NEG_INF;
+      l_part[wm][hr] = 0.f;
+      last[wm][hr] = ctx - q_len + (row0 + wrow0 + wm * 16 + g + hr * 8) / heads;
+    }
+
+#pragma unroll
+  for (int st = 0; st < STAGES - 1; ++st) {
+    if (st < num_tiles) load_tile(st, st);
+    rf::cp_async_commit();
+  }
+  for (int it = 0; it < num_tiles; ++it) {
+    rf::cp_async_wait<STAGES - 2>();  // this thread's copies of tile it have landed
+    __syncthreads();  // tile it visible to all; every warp is done with tile it - 1 (its stage, P, maxima)
+    {
+      const int nt = it + STAGES - 1;  // into the stage of tile it - 1
+      if (nt < num_tiles) load_tile(nt, nt % STAGES);
+      rf::cp_async_commit();
+    }
+    const unsigned kt = rf::smem_addr(k_s + (it % STAGES) * TK * KD);
+
+    // ---- S = Q K^T: rows of this warp x tokens [cg NS, (cg + 1) NS) of the tile, 64 dims per step ----
+    float s[SETS][WM][NB][4];
+#pragma unroll
+    for (int st = 0; st < SETS; ++st)
+#pragma unroll
+      for (int wm = 0; wm < WM; ++wm)
+#pragma unroll
+        for (int nb = 0; nb < NB; ++nb)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) s[st][wm][nb][e] = 0.f;
+#pragma unroll 3
+    for (int kb = 0; kb < KD / 64; ++kb) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        unsigned a[WM][4];
+#pragma unroll
+        for (int wm = 0; wm < WM; ++wm)
+          rf::ldmatrix_x4(a[wm], q_base + wm * 16 * KD * 2 + kb * 128 + off_hi[j]);
+#pragma unroll
+        for (int tb = 0; tb < NS / 16; ++tb) {
+          unsigned b[4];
+          rf::ldmatrix_x4(b, kt + k_rows + tb * 16 * KD * 2 + kb * 128 + off_mid[j]);
+#pragma unroll
+          for (int wm = 0; wm < WM; ++wm) {
+            rf::mma_m16n8k16(s[j % SETS][wm][2 * tb], a[wm], b[0], b[1]);
+            rf::mma_m16n8k16(s[j % SETS][wm][2 * tb + 1], a[wm], b[2], b[3]);
+          }
+        }
+      }
+    }
+    // scale, mask (past the range / causal among the new tokens), per-row maxima of the slice
+    const int p0 = begin + it * TK + cg * NS;
+    float mx[WM][2];
+#pragma unroll
+    for (int wm = 0; wm < WM; ++wm) {
+      mx[wm][0] = mx[wm][1] = NEG_INF;
+#pragma unroll
+      for (int nb = 0; nb < NB; ++nb)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          float v = s[0][wm][nb][e];
+#pragma unroll
+          for (int st = 1; st < SETS; ++st) v += s[st][wm][nb][e];
+          const int p = p0 + nb * 8 + 2 * cq + (e & 1);
+          const bool vis = p < end && p <= last[wm][e >> 1];
+          s[0][wm][nb][e] = vis ? v * scale_log2 : NEG_INF;
+          mx[wm][e >> 1] = fmaxf(mx[wm][e >> 1], s[0][wm][nb][e]);
+        }
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr) {
+        mx[wm][hr] = fmaxf(mx[wm][hr], __shfl_xor_sync(0xffffffffu, mx[wm][hr], 1));
+        mx[wm][hr] = fmaxf(mx[wm][hr], __shfl_xor_sync(0xffffffffu, mx[wm][hr], 2));
+        if (cq == 0) x_s[cg * ROWS + wrow0 + wm * 16 + g + hr * 8] = mx[wm][hr];
+      }
+    }
+    rf::mla_group_sync(1 + rg, 32 * CG);  // (X1) the group's slice maxima visible
+    float alpha[WM][2];
+#pragma unroll
+    for (int wm = 0; wm < WM; ++wm)
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr) {
+        const int row = wrow0 + wm * 16 + g + hr * 8;
+        float mn = m_run[wm][hr];
+#pragma unroll
+        for (int j = 0; j < CG; ++j) mn = fmaxf(mn, x_s[j * ROWS + row]);  // same order in every warp
+        alpha[wm][hr] = mn == NEG_INF ? 1.f : exp2f(m_run[wm][hr] - mn);
+        m_run[wm][hr] = mn;
+      }
+    // P = 2^(x - m) of the slice -> fp16 in shared memory; this thread's partial sums
+#pragma unroll
+    for (int wm = 0; wm < WM; ++wm)
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr) {
+        float sum = 0.f;
+#pragma unroll
+        for (int nb = 0; nb < NB; ++nb) {
+          const float x0 = s[0][wm][nb][2 * hr], x1 = s[0][wm][nb][2 * hr + 1];
+          const float e0 = x0 == NEG_INF ? 0.f : exp2f(x0 - m_run[wm][hr]);
+          const float e1 = x1 == NEG_INF ? 0.f : exp2f(x1 - m_run[wm][hr]);
+          sum += e0 + e1;
+          const int row = wrow0 + wm * 16 + g + hr * 8, col = cg * NS + nb * 8 + 2 * cq;
+          *reinterpret_cast<unsigned*>(p_s + row * PP + col) = rf::pack_half2(e0, e1);
+        }
+        l_part[wm][hr] = l_part[wm][hr] * alpha[wm][hr] + sum;
+      }
+    rf::mla_group_sync(1 + rg, 32 * CG);  // (X2) the group's P visible
+    // ---- O = alpha O + P V over this warp's columns (V: the latent part of the same tile) ----
+#pragma unroll
+    for (int wm = 0; wm < WM; ++wm)
+#pragma unroll
+      for (int nb = 0; nb < ONB; ++nb) {
+        o[wm][nb][0] *= alpha[wm][0];
+        o[wm][nb][1] *= alpha[wm][0];
+        o[wm][nb][2] *= alpha[wm][1];
+        o[wm][nb][3] *= alpha[wm][1];
+      }
+#pragma unroll
+    for (int kk = 0; kk < TK / 16; ++kk) {
+      unsigned pa[WM][4];
+#pragma unroll
+      for (int wm = 0; wm < WM; ++wm) rf::ldmatrix_x4(pa[wm], p_base + (wm * 16 * PP + kk * 16) * 2);
+#pragma unroll
+      for (int nb = 0; nb < ONB; nb += 2) {
+        unsigned b[4];  // tokens kk*16 .. +15 x columns cg*CW + nb*8 .. +15, transposed: two n8 B fragments
+        rf::ldmatrix_x4_trans(b, kt + v_rows + kk * 16 * KD * 2 + (nb / 8) * 128 + off_hi[(nb % 8) / 2]);
+#pragma unroll
+        for (int wm = 0; wm < WM; ++wm) {
+          rf::mma_m16n8k16(o[wm][nb], pa[wm], b[0], b[1]);
+          rf::mma_m16n8k16(o[wm][nb + 1], pa[wm], b[2], b[3]);
+        }
+      }
+    }
+  }
+  rf::cp_async_wait<0>();
+  __syncthreads();  // every warp is past its last read of x_s: it now collects the partial sums
+  float l_row[WM][2];
+#pragma unroll
+  for (int wm = 0; wm < WM; ++wm)
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+      float l = l_part[wm][hr];
+      l += __shfl_xor_sync(0xffffffffu, l, 1);
+      l += __shfl_xor_sync(0xffffffffu, l, 2);
+      if (cq == 0) x_s[cg * ROWS + wrow0 + wm * 16 + g + hr * 8] = l;
+    }
+  __syncthreads();
+#pragma unroll
+  for (int wm = 0; wm < WM; ++wm)
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+      float l = 0.f;
+#pragma unroll
+      for (int j = 0; j < CG; ++j) l += x_s[j * ROWS + wrow0 + wm * 16 + g + hr * 8];
+      l_row[wm][hr] = l;
+    }
+
+  // ---- epilogue: this warp's columns of its valid rows; normalised by the row's own sum ----
+#pragma unroll
+  for (int wm = 0; wm < WM; ++wm)
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+      const int gr = row0 + wrow0 + wm * 16 + g + hr * 8;
+      if (gr >= rows_total) continue;
+      const float l = l_row[wm][hr];
+      const float inv = l > 0.f ? 1.f / l : 0.f;
+      const long long orow = static_cast<long long>(seq) * rows_total + gr;  // (seq, t, h) flattened
+      __half* dst = num_splits == 1 ? out + orow * R : part_out + (orow * num_splits + split) * R;
+#pragma unroll
+      for (int nb = 0; nb < ONB; ++nb) {
+        const int col = cg * CW + nb * 8 + 2 * cq;
+        const float v0 = o[wm][nb][2 * hr] * inv, v1 = o[wm][nb][2 * hr + 1] * inv;
+        *reinterpret_cast<unsigned*>(dst + col) = rf::pack_half2(v0, v1);
+      }
+      if (num_splits > 1 && cg == 0 && cq == 0) {
+        part_lse[orow * num_splits + split] = l > 0.f ? m_run[wm][hr] + log2f(l) : NEG_INF;
+      }
+    }
 }
 
 // One CTA per (seq, token, head) row: out = sum_i 2^(lse_i - L) out_i / sum_i 2^(lse_i - L), L = max lse_i.

@@ -37,6 +37,7 @@ __all__ = [
     "linear",
     "linear_swiglu",
     "linear_weight",
+    "norm_linear",
     "stacked_linear_weight",
     "plan_step",
     "random_weights",
@@ -160,6 +161,29 @@ def linear_swiglu(x: Any, w_gate: Any, w_up: Any, b_gate: Any = None, b_up: Any 
     if backend.is_cupy(x):
         return rf.linear_swiglu(x, w_gate, w_up, b_gate, b_up)
     return rf.swiglu(linear(x, w_gate, b_gate), linear(x, w_up, b_up))
+
+
+def norm_linear(
+    a: Any, x: Any, ln_w: Any, eps: float, w: Any, b: Any = None, w2: Any = None, b2: Any = None
+) -> tuple[Any, Any]:
+    """A pre-norm block's residual add, RMSNorm and the projection after it: (y, s) with s = x + a (the new
+    residual stream; x itself when a is None), h = rms_norm(s) * ln_w and y = linear(h, w, b), or with w2
+    linear_swiglu(h, w, w2, b, b2).
+
+    On the GPU this is rf.add_rms_norm_linear (float weights) or rf.int8_add_rms_norm_linear
+    (QuantizedWeights): one GEMV launch for a batch-1 decode step (the norm in its prologue), and for more
+    rows or other layouts the same unfused ops as below. On the CPU the unfused ops: rf.rms_norm /
+    rf.add_rms_norm, then linear / linear_swiglu."""
+    if backend.is_cupy(x):
+        if isinstance(w, QuantizedWeight):
+            return rf.int8_add_rms_norm_linear(a, x, ln_w, eps, w, b, up=w2, b_up=b2)
+        return rf.add_rms_norm_linear(a, x, ln_w, eps, w, b, w2=w2, b2=b2)
+    if a is None:
+        h, s = rf.rms_norm(x, ln_w, eps), x
+    else:
+        h, s = rf.add_rms_norm(a, x, ln_w, eps)  # s = x + a; h = rms_norm(s)
+    y = linear(h, w, b) if w2 is None else linear_swiglu(h, w, w2, b, b2)
+    return y, s
 
 
 def linear_weight(w: Any, xp: Any) -> Any:

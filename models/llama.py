@@ -4,7 +4,8 @@ A pre-RMSNorm decoder without biases:
     x = x + o_proj(attention(rope(q), rope(k), v)),   q, k, v = projections of rms_norm(x)
     x = x + down_proj(silu(gate_proj(h)) * up_proj(h)),   h = rms_norm(x)
 then a final RMSNorm and an untied lm head (tied when tie_word_embeddings, as Llama 3.2 1B / 3B). Each
-residual add is fused with the norm after it (rf.add_rms_norm: x = x + a, h = rms_norm(x)).
+residual add is fused with the norm after it and the projection after that (common.norm_linear: x = x + a,
+y = rms_norm(x) @ W; on the GPU one kernel for a batch-1 decode step, rf.add_rms_norm_linear).
 Grouped-query attention: num_key_value_heads divides num_attention_heads; q head j reads kv head
 j // (heads / kv_heads). RoPE in the NeoX "halves" layout of the HF checkpoints (pairs (p, p + head_dim/2)),
 frequencies `llama_inv_freq(config)`: rope_theta, and Llama 3 / linear rope_scaling.
@@ -35,8 +36,8 @@ from rawformer.models.common import (
     decoder_attention,
     last_token_rows,
     linear,
-    linear_swiglu,
     linear_weight,
+    norm_linear,
     plan_step,
     random_weights,
     stacked_linear_weight,
@@ -151,10 +152,11 @@ class LlamaModel:
         plan = plan_step(batch, arena.k(0).shape[1], self.xp)
         int8_kv = uses_int8_kv(arena)
 
-        x = self.embed[batch.tokens]  # (T, H)
-        h = rf.rms_norm(x, self.blocks[0].ln_1, eps)
+        x = self.embed[batch.tokens]  # (T, H) the residual stream
+        m = None  # the MLP output not yet added to x (layer 0: nothing)
         for layer, blk in enumerate(self.blocks):
-            qkv = linear(h, blk.w_qkv, blk.b_qkv)  # (T, (nh + 2 nkv) d)
+            # x = x + m; qkv = rms_norm(x) @ w_qkv (one kernel for a batch-1 decode step on the GPU)
+            qkv, x = norm_linear(m, x, blk.ln_1, eps, blk.w_qkv, blk.b_qkv)  # (T, (nh + 2 nkv) d)
             q = qkv[:, : nh * d].reshape(t, nh, d)  # (T, nh, d) views of qkv
             k = qkv[:, nh * d : (nh + nkv) * d].reshape(t, nkv, d)  # (T, nkv, d)
             v = qkv[:, (nh + nkv) * d :].reshape(t, nkv, d)
@@ -169,15 +171,15 @@ class LlamaModel:
                 )
                 a = decoder_attention(q, k, v, batch, plan, kc, vc)  # (T, nh, d)
             a = linear(a.reshape(t, nh * d), blk.w_o, blk.b_o)  # (T, H)
-            h, x = rf.add_rms_norm(a, x, blk.ln_2, eps)  # x = x + a; h = rms_norm(x)
-            g = linear_swiglu(h, blk.w_gate, blk.w_up, blk.b_gate, blk.b_up)  # (T, I)
+            # x = x + a; g = swiglu(rms_norm(x) @ w_gate, rms_norm(x) @ w_up)
+            g, x = norm_linear(a, x, blk.ln_2, eps, blk.w_gate, blk.b_gate, blk.w_up, blk.b_up)  # (T, I)
             m = linear(g, blk.w_down, blk.b_down)  # (T, H)
-            nxt = self.blocks[layer + 1].ln_1 if layer + 1 < len(self.blocks) else self.norm
-            if last_only and layer + 1 == len(self.blocks):
-                rows = last_token_rows(batch)
-                m, x = m[rows], x[rows]  # (S, H): only the last token of each sequence goes on
-            h, x = rf.add_rms_norm(m, x, nxt, eps)  # x = x + m; h = next block's input norm (or the final)
-        return linear(h, self.lm_head.T)  # (T or S, V)
+        if last_only:
+            rows = last_token_rows(batch)
+            m, x = None if m is None else m[rows], x[rows]  # (S, H): the last token of each sequence goes on
+        # x = x + m; the final norm and the lm head (V, H), read as x @ lm_head.T
+        logits, _ = norm_linear(m, x, self.norm, eps, self.lm_head.T)
+        return logits  # (T or S, V)
 
 
 def init_random(

@@ -18,7 +18,8 @@ What stays in the model's float dtype (fp16 on the GPU), and why:
   (A tied lm head gets its own int8 copy; the fp16 table stays for the lookups.)
 - norm scales and biases, linear biases: N values per layer (0.1% of the bytes), and the norm scales
   multiply every activation.
-- activations, the KV cache and the logits: fp16 (an INT8 KV cache is not built yet).
+- activations and the logits: fp16; the KV cache too unless the pool is an Int8KVArena (memory/int8_arena.py,
+  models/int8_kv.py: INT8 K/V with a scale per token and head, read by rf.paged_attention_int8).
 What is computed in fp32 whatever the storage: GEMV / GEMM accumulation, norm statistics, softmax and
 attention's running max / sum, RoPE angles (fp32 inverse frequencies), the int8 -> float conversion.
 """

@@ -212,6 +212,47 @@ class Tensor:
 
         return remove
 
+    def use_grad_buffer(self, buffer: Any, *, keep: bool = True) -> None:
+        """Make `buffer` the storage of this leaf's gradient: `.grad` becomes `buffer`, and later backward
+        calls add into it in place for as long as `.grad` is that array.
+
+        Data parallel uses it to hand out views of its flat all-reduce buckets (PyTorch DDP's
+        gradient_as_bucket_view): backward then writes the gradients where they are reduced, with no copy
+        into the bucket and none back. Setting `.grad = None` (optimizer.zero_grad) detaches the buffer;
+        the next backward then allocates a fresh gradient unless the buffer is attached again.
+
+        Parameters
+        ----------
+        buffer : array of this tensor's shape and dtype, of the same kind (NumPy / CuPy) as `.data`, sharing
+            no memory with it; typically a reshaped slice of a larger flat buffer
+        keep : True: `buffer` receives the current gradient (a copy of `.grad`, zeros when it is None), so
+            nothing accumulated so far is lost. False: `buffer` is taken as it is (the caller has already
+            zeroed it, e.g. a whole bucket with one memset instead of one fill per parameter)
+        """
+        if not self.requires_grad or not self.is_leaf:
+            raise ValueError("use_grad_buffer: only leaves with requires_grad=True (parameters) have .grad")
+        if backend.is_cupy(buffer) != backend.is_cupy(self.data) or not hasattr(buffer, "dtype"):
+            raise TypeError(
+                f"use_grad_buffer: buffer must be a {type(self.data).__name__} like .data, "
+                f"got {type(buffer).__name__}"
+            )
+        if tuple(buffer.shape) != self.shape or buffer.dtype != self.dtype:
+            raise ValueError(
+                f"use_grad_buffer: buffer is {tuple(buffer.shape)} {buffer.dtype}, expected {self.shape} "
+                f"{self.dtype}"
+            )
+        if backend.array_module(buffer).may_share_memory(buffer, self.data):
+            raise ValueError("use_grad_buffer: buffer overlaps .data (backward would overwrite the weights)")
+        if keep and self.grad is not buffer:
+            if self.grad is None:
+                buffer.fill(0)
+            elif tuple(self.grad.shape) != self.shape:
+                raise ValueError(f"use_grad_buffer: .grad is {tuple(self.grad.shape)}, expected {self.shape}")
+            else:
+                buffer[...] = self.grad
+        self.grad = buffer
+        self._grad_owned = True
+
     def backward(self, grad: Any = None) -> None:
         """Accumulate d self / d leaf into the `.grad` of every leaf that requires grad.
 

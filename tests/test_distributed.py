@@ -78,12 +78,27 @@ def test_data_parallel_equals_one_process(ranks):
     assert 0 < r["fp16_rel"] <= 2e-3, r  # fp16 compression: half-precision rounding, no more
 
 
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_gradients_are_bucket_views(ranks):
+    r = run_ranks(ranks, "dp_views_check.py")
+    for x in r["ranks"]:  # every rank: the same averaged gradients, each checked against one process
+        assert x["size"] == ranks and x["buckets"] > 1 and x["all_views"], x
+        assert x["attached_zero"] and x["views_after_finish"] and x["views_after_foreign"], x
+        assert x["views_micro0"] and x["views_micro1"], x  # accumulation stays in the buckets
+        assert x["step_diff"] <= TOL and x["accum_diff"] <= TOL and x["foreign_diff"] <= TOL, x
+        assert not x["fp16_views"] and not x["fp16_shares"] and 0 < x["fp16_rel"] <= 2e-3, x
+        assert x["staged_wrong"] == 0 and x["staged_local"] is (True if ranks == 1 else None), x
+
+
 def test_training_gpt_under_data_parallel():
     r = run_ranks(2, "gpt_dp_check.py")  # the tied embedding is one parameter used twice
     assert r["buckets"] > 1 and r["max_diff"] <= TOL, r
     assert r["bench_tokens"] and "exposed_comm_ms" in r["bench_keys"], r  # bench/distributed.py's DP path
     # its --balance path (the numbers are the GPU run's business): every share list covers the global batch
     assert r["balance_shares"][0] == [2, 2] and all(sum(x) == 4 for x in r["balance_shares"]), r
+    # the bench's bus-bandwidth bar: N/A on one rank (never FAIL), judged on more; exit 1 only on a FAIL
+    assert r["busbw_verdicts"] == {"one_rank": "N/A", "fast": "PASS", "slow": "FAIL", "small_only": None}, r
+    assert r["exit_codes"] == [0, 1], r
 
 
 def test_gpt_pipeline_benchmark_path():
@@ -286,3 +301,52 @@ def test_timeline_png_and_bubble(tmp_path):
     info = pipeline.plot_timeline(spans, 2, 1, str(tmp_path / "t.png"), title="test")
     assert (tmp_path / "t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert info["theoretical_bubble"] == pytest.approx(0.5)
+
+
+def test_aligned_offsets():
+    from rawformer.distributed.data_parallel import aligned_offsets
+
+    assert aligned_offsets([3, 70, 1], 4) == [0, 64, 192]  # 256-byte slots: 64 float32
+    assert aligned_offsets([128, 1, 0, 5], 2) == [0, 128, 256, 256]
+    assert aligned_offsets([], 4) == []
+
+
+def test_use_grad_buffer_accumulates_in_place():
+    from rawformer import autograd as ag
+
+    rng = np.random.default_rng(0)
+    w = ag.Tensor(rng.standard_normal((3, 5)).astype(np.float32), requires_grad=True)
+    x = ag.Tensor(rng.standard_normal((4, 3)).astype(np.float32))
+    flat = np.full(40, np.nan, dtype=np.float32)  # the slot is 15 of 40 values; NaN must be overwritten
+    view = flat[8:23].reshape(3, 5)
+    w.use_grad_buffer(view)  # no .grad yet: zeros
+    assert w.grad is view and not view.any()
+    ag.sum(ag.matmul(x, w)).backward()
+    ag.sum(ag.matmul(x, w)).backward()  # two backward calls add into the same buffer
+    expected = 2 * x.data.sum(axis=0)[:, None] * np.ones((1, 5), dtype=np.float32)
+    assert w.grad is view
+    np.testing.assert_allclose(flat[8:23].reshape(3, 5), expected, rtol=1e-6)
+    assert np.isnan(flat[:8]).all() and np.isnan(flat[23:]).all()  # nothing written outside the slot
+
+    other = np.empty((3, 5), dtype=np.float32)
+    w.use_grad_buffer(other)  # keep=True: the gradient so far moves with it
+    np.testing.assert_array_equal(other, expected)
+    w.grad = None  # zero_grad detaches: the next backward allocates afresh, the buffer stays as it was
+    ag.sum(ag.matmul(x, w)).backward()
+    assert w.grad is not other
+    np.testing.assert_array_equal(other, expected)
+    mine = np.full((3, 5), 7.0, dtype=np.float32)
+    w.use_grad_buffer(mine, keep=False)  # taken as is (the caller zeroed a whole bucket)
+    assert w.grad is mine and (mine == 7.0).all()
+
+    with pytest.raises(ValueError, match="expected"):
+        w.use_grad_buffer(np.zeros((5, 3), dtype=np.float32))
+    with pytest.raises(ValueError, match="expected"):
+        w.use_grad_buffer(np.zeros((3, 5), dtype=np.float64))
+    with pytest.raises(TypeError, match="buffer"):
+        w.use_grad_buffer([[0.0] * 5] * 3)
+    with pytest.raises(ValueError, match="overlaps"):
+        w.use_grad_buffer(w.data)
+    with pytest.raises(ValueError, match="leaves"):
+        x.use_grad_buffer(np.zeros((4, 3), dtype=np.float32))
+    assert w.grad is mine  # a refused buffer changes nothing

@@ -8,7 +8,7 @@ import importlib
 import numpy as np
 import pytest
 from graph_standin import assert_replays_equal
-from tolerances import assert_close
+from tolerances import assert_written_close, poison_pool
 
 import rawformer as rf
 
@@ -59,18 +59,6 @@ def test_argument_errors(rng):
 # ---- GPU ---------------------------------------------------------------------------------------------------
 
 
-def _poison_pool(cp, nbytes=1 << 26):
-    """Fill memory the next allocations will reuse with NaN, so an output element never written shows."""
-    junk = cp.full(nbytes // 4, np.nan, dtype=np.float32)
-    del junk
-
-
-def _check(cp, y, want, dtype):
-    got = cp.asnumpy(y).astype(np.float64)
-    assert np.isfinite(got).all(), "an output element was not written (poisoned NaN)"
-    assert_close(got, want, dtype)
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [np.float16, np.float32])
 @pytest.mark.parametrize("k,n", [(1, 8), (63, 264), (2053, 2056), (130, 5640)])
@@ -80,10 +68,10 @@ def test_contiguous_weight(cp, rng, dtype, k, n, rows):
     x = rng.standard_normal((rows, k)).astype(dtype)
     w = (rng.standard_normal((k, n)) / np.sqrt(k)).astype(dtype)
     b = rng.standard_normal(n).astype(dtype)
-    _poison_pool(cp)
+    poison_pool(cp)
     y = rf.linear(cp.asarray(x), cp.asarray(w), cp.asarray(b))
     assert y.dtype == dtype and y.shape == (rows, n)
-    _check(cp, y, lin.linear_ref(x, w, b), dtype)
+    assert_written_close(y, lin.linear_ref(x, w, b), dtype)
 
 
 @pytest.mark.gpu
@@ -95,9 +83,9 @@ def test_gemv_nk_transposed_weight(cp, rng, dtype, rows, k, n, bias):
     x = rng.standard_normal((rows, k)).astype(dtype)
     wt = (rng.standard_normal((n, k)) / np.sqrt(k)).astype(dtype)  # (N, K): x @ wt.T, like the lm head
     b = rng.standard_normal(n).astype(dtype) if bias else None
-    _poison_pool(cp)
+    poison_pool(cp)
     y = rf.linear(cp.asarray(x), cp.asarray(wt).T, None if b is None else cp.asarray(b))
-    _check(cp, y, lin.linear_ref(x, wt.T, b), dtype)
+    assert_written_close(y, lin.linear_ref(x, wt.T, b), dtype)
 
 
 @pytest.mark.gpu
@@ -109,10 +97,10 @@ def test_every_nk_configuration(cp, rng, monkeypatch, config):
     for rows in (1, 5, 8):
         x = rng.standard_normal((rows, 1000)).astype(np.float16)
         wt = (rng.standard_normal((1001, 1000)) / 32).astype(np.float16)
-        _poison_pool(cp)
-        _check(cp, rf.linear(cp.asarray(x), cp.asarray(wt).T), lin.linear_ref(x, wt.T), np.float16)
+        poison_pool(cp)
+        assert_written_close(rf.linear(cp.asarray(x), cp.asarray(wt).T), lin.linear_ref(x, wt.T), np.float16)
         y = rf.linear_swiglu(cp.asarray(x), cp.asarray(wt).T, cp.asarray(wt[::-1].copy()).T)
-        _check(cp, y, lin.linear_swiglu_ref(x, wt.T, wt[::-1].T), np.float16)
+        assert_written_close(y, lin.linear_swiglu_ref(x, wt.T, wt[::-1].T), np.float16)
 
 
 @pytest.mark.gpu
@@ -127,12 +115,12 @@ def test_linear_swiglu(cp, rng, dtype, rows, k, n, bias, layout):
     wu = (rng.standard_normal((k, n)) / np.sqrt(k)).astype(dtype)
     bg = rng.standard_normal(n).astype(dtype) if bias else None
     bu = rng.standard_normal(n).astype(dtype) if bias else None
-    _poison_pool(cp)
+    poison_pool(cp)
     dev = [None if a is None else cp.asarray(a) for a in (x, wg, wu, bg, bu)]
     if layout == "nk":  # the models' layout: transposed views of (N, K) matrices (the GEMV path)
         dev[1], dev[2] = cp.ascontiguousarray(dev[1].T).T, cp.ascontiguousarray(dev[2].T).T
     y = rf.linear_swiglu(*dev)
-    _check(cp, y, lin.linear_swiglu_ref(x, wg, wu, bg, bu), dtype)
+    assert_written_close(y, lin.linear_swiglu_ref(x, wg, wu, bg, bu), dtype)
 
 
 @pytest.mark.gpu
@@ -143,9 +131,9 @@ def test_fallbacks_strided_and_misaligned(cp, rng):
     w = rng.standard_normal((40, 26)).astype(np.float16)
     for wd in (cp.asarray(w), cp.asarray(w)[:, 1:25], cp.asarray(np.ascontiguousarray(w[:, :24]))):
         want = lin.linear_ref(x, cp.asnumpy(wd))
-        _check(cp, rf.linear(cp.asarray(x), wd), want, np.float16)
+        assert_written_close(rf.linear(cp.asarray(x), wd), want, np.float16)
     xd = cp.asarray(rng.standard_normal((3, 41)).astype(np.float16))[:, 1:]
-    _check(cp, rf.linear(xd, cp.asarray(w)), lin.linear_ref(cp.asnumpy(xd), w), np.float16)
+    assert_written_close(rf.linear(xd, cp.asarray(w)), lin.linear_ref(cp.asnumpy(xd), w), np.float16)
 
 
 @pytest.mark.gpu

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +21,7 @@ from rawformer.models.config import deepseek_rope
 from tolerances import assert_close, poison
 
 import rawformer as rf
+from rawformer.kernels import modules
 from rawformer.memory import KVPool
 from rawformer.memory.latent import LatentArena
 from rawformer.memory.planner import kv_bytes_per_token, mha_bytes_per_token, plan
@@ -333,6 +336,10 @@ def test_mla_decode_argument_errors(rng):
         mla_decode(qa, qr, np.zeros((3, 3, 8)), np.zeros((3, 3, 4)), tables, ctx)
     with pytest.raises(ValueError, match="tile_config is for version=2"):
         mla_decode(qa, qr, lat, rop, tables, ctx, tile_config=mla_op.V2_SMALL)
+    with pytest.raises(ValueError, match="tile_config for version 3 must be one of"):
+        mla_decode(qa, qr, lat, rop, tables, ctx, version=3, tile_config=mla_op.V2_SMALL)
+    with pytest.raises(ValueError, match="version must be one of"):
+        mla_decode(qa, qr, lat, rop, tables, ctx, version=4)
     with pytest.raises(ValueError, match="CUDA kernel"):
         mla_decode(qa, qr, lat, rop, tables, ctx, version=2)
 
@@ -357,6 +364,51 @@ def test_kernel_plans_fit_and_are_registered():
     assert mla_op.kernel_plan(16, version=2)[2] == 16 and mla_op.kernel_plan(17, version=2)[2] == 32
     assert mla_op.kernel_plan(16, version=1)[0] == "mla_decode_v1<512, 64, 1, 4, 64, 2>"  # v1 unchanged
     assert mla_op.kernel_plan(64, version=1)[0] == "mla_decode_v1<512, 64, 4, 8, 32, 2>"
+
+
+def test_v3_plans_fit_and_are_registered():
+    registered = set(mla_op._instantiations())
+    for config in mla_op.V3_CONFIGS:
+        mt, wm, cg, tk, stages = config
+        expr, threads, rows_per_cta, tile, smem = mla_op.kernel_plan(128, version=3, tile_config=config)
+        assert expr in registered and expr == f"mla_decode_v3<512, 64, {mt}, {wm}, {cg}, {tk}, {stages}>"
+        assert threads == 32 * (mt // wm) * cg and rows_per_cta == 16 * mt and tile == tk
+        assert smem + 1024 <= H100_SMEM_PER_SM and smem <= H100_SMEM_OPTIN, (config, smem)
+        assert mt % wm == 0 and (tk // cg) % 16 == 0 and (512 // cg) % 64 == 0 and tk % (threads // 32) == 0
+    # the defaults by rows: one m-tile for <= 16 rows (16 heads), 32 rows (2 CTAs per SM), 64 rows
+    assert mla_op.kernel_plan(16, version=3)[0] == "mla_decode_v3<512, 64, 1, 1, 4, 64, 2>"
+    assert mla_op.kernel_plan(1, version=3)[2] == 16 and mla_op.kernel_plan(17, version=3)[2] == 32
+    assert mla_op.kernel_plan(32, version=3)[2] == 32 and mla_op.kernel_plan(33, version=3)[2] == 64
+    mid = mla_op.kernel_plan(32, version=3)[4]
+    assert 2 * (mid + 1024) <= H100_SMEM_PER_SM  # two resident CTAs per H100 SM
+    assert mla_op.kernel_plan(128, version=3)[0] == "mla_decode_v3<512, 64, 4, 2, 4, 64, 2>"
+    a100 = 166912  # sharedMemPerBlockOptin of an A100: the default configs that need more fall back
+    for rows in (1, 16, 17, 32, 33, 128):
+        expr, *_, smem = mla_op.kernel_plan(rows, version=3, smem_limit=a100)
+        assert expr in registered and smem <= a100
+    assert mla_op.kernel_plan(16, version=3, smem_limit=a100)[0] == "mla_decode_v3<512, 64, 1, 1, 2, 32, 2>"
+    assert mla_op.kernel_plan(128, version=3, smem_limit=H100_SMEM_OPTIN)[2] == 64  # the H100 keeps 64 rows
+    assert mla_op.DEFAULT_VERSION in mla_op.VERSIONS
+
+
+NVCC = shutil.which("nvcc")
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc not on PATH")
+def test_v3_shared_bytes_match_the_kernel(tmp_path):
+    """The launcher's shared-memory size of every v3 config equals MlaV3Shape::SMEM (static_asserts compiled
+    by nvcc; no kernel is instantiated, so this takes a second)."""
+    lines = ['#include "mla_decode.cu"']
+    for c in mla_op.V3_CONFIGS:
+        smem = mla_op.kernel_plan(128, version=3, tile_config=c)[4]
+        args = ", ".join(str(n) for n in c)
+        lines.append(f'static_assert(rf::MlaV3Shape<512, 64, {args}>::SMEM == {smem}, "smem {args}");')
+    src = tmp_path / "v3_smem.cu"
+    src.write_text("\n".join(lines) + "\n")
+    cmd = [NVCC, "-std=c++17", "-arch=sm_90", f"-I{modules.source_dir()}", "-c", str(src), "-o",
+           str(tmp_path / "v3_smem.o")]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def test_split_rule_fills_the_resident_slots():
@@ -400,9 +452,14 @@ def test_bench_cpu_table_and_verdicts(capsys):
             {"heads": 128, "variant": "v2 (4, 8, 32, 2)", "tflops": 600.0}]  # fmt: skip
     vs = b.verdicts(dec, kern, {"ceiling_gbps": 3000.0}, {"matmul_tflops": 700.0})
     assert [v.status for v in vs] == ["PASS", "PASS", "FAIL"]  # the verdicts judge the default kernel only
-    assert [name for name, _ in b.kernel_variants("default")] == ["default"]
+    kern += [{"heads": 16, "variant": "v3", "gbps": 2000.0}, {"heads": 128, "variant": "v3", "tflops": 300.0}]
+    vs = b.verdicts(dec, kern, {"ceiling_gbps": 3000.0}, {"matmul_tflops": 700.0})
+    assert [v.status for v in vs] == ["PASS", "PASS", "FAIL", "FAIL", "PASS"]  # + v3: 67% of copy, 43%
+    assert "v3 (candidate default) 128 heads: 300 TFLOP/s = 43%" in vs[-1].text
+    assert [name for name, _ in b.kernel_variants("default")] == ["default", "v1", "v2", "v3"]
     sweep = b.kernel_variants("all")
-    assert sweep[1] == ("v1", {"version": 1}) and len(sweep) == 4 + len(mla_op.V2_CONFIGS)
+    assert sweep[1] == ("v1", {"version": 1}) and ("v3", {"version": 3}) in sweep
+    assert len(sweep) == 4 + len(mla_op.V2_CONFIGS) + len(mla_op.V3_CONFIGS) + 2 + 4
 
 
 @pytest.mark.parametrize(
@@ -476,7 +533,7 @@ def check_kernel(cp, rng, seqs, q_len, heads, ctx, bs, splits, **kernel_args):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("version", [1, 2, 3])
 @pytest.mark.parametrize("seqs,q_len,heads,ctx,bs,splits", GPU_CASES)
 def test_gpu_mla_decode_kernel(cp, rng, version, seqs, q_len, heads, ctx, bs, splits):
     check_kernel(cp, rng, seqs, q_len, heads, ctx, bs, splits, version=version)
@@ -497,22 +554,51 @@ def test_gpu_mla_decode_v2_configs(cp, rng, config, seqs, q_len, heads, ctx, bs,
     check_kernel(cp, rng, seqs, q_len, heads, ctx, bs, splits, version=2, tile_config=config)
 
 
+# every v3 tile config: contexts 1, 15, 17, 1000, block boundaries, ragged, 16 / 128 heads, forced splits
+V3_CASES = [
+    (1, 1, 16, [1], 64, None),
+    (4, 1, 16, [15, 17, 1000, 64], 64, None),
+    (3, 1, 128, [63, 65, 128], 64, 2),
+    (2, 1, 128, [1000, 1], 16, None),
+    (1, 1, 128, [4097], 64, 3),
+    (2, 2, 19, [129, 2], 16, 5),
+    (2, 3, 45, [31, 0], 32, 7),
+]
+
+
 @pytest.mark.gpu
-def test_gpu_mla_decode_v2_pdl_chain_and_default(cp, rng):
-    """The default path (v2, auto splits: main kernel and combine launched with programmatic dependent
-    launch on sm_90) chained: call 2 reads call 1's output as its query, so call 2's main kernel (which may
-    start while call 1's combine still runs) must wait in rf::pdl_wait for it."""
+@pytest.mark.parametrize("config", mla_op.V3_CONFIGS)
+@pytest.mark.parametrize("seqs,q_len,heads,ctx,bs,splits", V3_CASES)
+def test_gpu_mla_decode_v3_configs(cp, rng, config, seqs, q_len, heads, ctx, bs, splits):
+    check_kernel(cp, rng, seqs, q_len, heads, ctx, bs, splits, version=3, tile_config=config)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("heads", [16, 128])
+@pytest.mark.parametrize("splits", [None, 1, 4, 9])
+def test_gpu_mla_decode_v3_default_split_counts(cp, rng, heads, splits):
+    """v3's default configs (the bench's shapes, shorter) with automatic and forced split counts; ragged
+    contexts around 64-token block and tile boundaries."""
+    check_kernel(cp, rng, 5, 1, heads, [2048, 1, 191, 192, 1537], 64, splits, version=3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("version", [None, 2, 3])
+def test_gpu_mla_decode_pdl_chain(cp, rng, version):
+    """The default path and v2 / v3 (auto splits: main kernel and combine launched with programmatic
+    dependent launch on sm_90) chained: call 2 reads call 1's output as its query, so call 2's main kernel
+    (which may start while call 1's combine still runs) must wait in rf::pdl_wait for it."""
     qa, qr, data, tables, ctx = paged_case(rng, 4, 1, 16, 512, 64, [3000, 17, 900, 1], 64, np.float16)
     g = cp.asarray(data)
     lat, rop, t, c = g[..., :512], g[..., 512:], cp.asarray(tables), cp.asarray(ctx)
     qr_g = cp.asarray(qr)
     for _ in range(2):
         q1 = cp.asarray(qa) * cp.float16(4)  # a producer kernel right before call 1
-        got1 = mla_decode(q1, qr_g, lat, rop, t, c, scale=0.07, check=False)
-        got2 = mla_decode(got1, qr_g, lat, rop, t, c, scale=0.07, check=False)
+        got1 = mla_decode(q1, qr_g, lat, rop, t, c, scale=0.07, check=False, version=version)
+        got2 = mla_decode(got1, qr_g, lat, rop, t, c, scale=0.07, check=False, version=version)
         ref1 = mla_decode_ref(qa * np.float16(4), qr, data[..., :512], data[..., 512:], tables, ctx, 0.07)
         ref2 = mla_decode_ref(cp.asnumpy(got1), qr, data[..., :512], data[..., 512:], tables, ctx, 0.07)
-        assert_close(got1, ref1, np.float16, "mla_decode call 1 (default version)", rtol=1e-2)
+        assert_close(got1, ref1, np.float16, f"mla_decode call 1 (version {version})", rtol=1e-2)
         assert_close(got2, ref2, np.float16, "mla_decode call 2 (query = call 1's output)", rtol=1e-2)
 
 

@@ -189,8 +189,9 @@ def test_instantiations_cover_every_launch():
                 for version in quant.GEMV_VERSIONS:
                     for dual in (False, True):
                         assert quant.gemv_expression(dtype, tokens, group, version, dual) in exprs
-    # M is compiled for 1, 2, 4, 8 only: 2 dtypes x 2 groupings x 4 x 3 versions x (plain, DUAL) + 4 dequant
-    assert len(exprs) == len(quant._instantiations()) == 2 * 2 * (4 * 3 * 2 + 1)
+    # M is compiled for 1, 2, 4, 8 only: 2 dtypes x 2 groupings x (4 x 3 versions x (plain, DUAL) + dequant
+    # + the norm twins at M = 1: 3 versions x (plain, DUAL))
+    assert len(exprs) == len(quant._instantiations()) == 2 * 2 * (4 * 3 * 2 + 1 + 3 * 2)
     assert "int8_gemv" in rf.kernels.modules.registered_families()
 
 
@@ -199,7 +200,11 @@ def test_gemv_tokens_and_default_version():
     assert "int8_gemv<__half, 4, 128, 1, 8, 8, true>" == quant.gemv_expression(F16, 3, 128, 3, True)
     # v3 (a row of K <= 4096 in flight per warp) but for large matrices, where v1 measured best
     assert quant.default_gemv_version(4096, 4096) == 3
-    assert quant.default_gemv_version(2048, 32000) == 3
+    # v2 for the DUAL gate/up pair and for wide K <= 4096 matrices (the lm head): faster in the decode graph
+    assert quant.default_gemv_version(2048, 32000) == 2
+    assert quant.default_gemv_version(2048, 5632, dual=True) == 2
+    assert quant.default_gemv_version(2048, 5632) == 3
+    assert quant.default_gemv_version(8192, 28672, dual=True) == 1
     assert quant.default_gemv_version(11008, 4096) == 3
     assert quant.default_gemv_version(8192, 28672) == 1
     assert quant.default_gemv_version(28672, 8192) == 1

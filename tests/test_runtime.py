@@ -562,3 +562,59 @@ def test_a_failed_capture_falls_back_to_eager():
         assert gen.generate(PROMPTS, 5).token_ids == expected
     assert gen.graph_stats.replays == 0 and "capture of (bucket, width)" in gen.graph_stats.error
     assert len(pool) == 0
+
+
+# ---- greedy decode with the host one step ahead (Generator._decode_fed) -----------------------------------
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_overlapped_greedy_equals_the_host_loop(kind):
+    """The overlapped loop (tokens fed on the device, stops seen one step late) gives the results of the
+    loop that reads every step's tokens first: stop tokens and strings that end some requests mid-batch
+    (rows change under the in-flight step), ragged max_new_tokens, a request ending at the longest
+    sequence; every block is back afterwards."""
+    model = model_of(kind)
+    tok = CharTokenizer()
+    prompts = PROMPTS + [[7, 7, 1], list(range(20, 20 + 50))]
+    news = [9, 14, 3, 11, 12, 20]
+    free_run = generate(model, prompts, news).token_ids
+    tail = free_run[5][:11]  # request 5 reaches the longest sequence (60) after 11 tokens: no stop there
+    stop_tok = next(t for run in free_run[:5] for t in run[1:] if t not in tail)
+    texts = [tok.decode(run) for run in free_run[:5]]
+    stop_str = next(
+        x[i : i + 2] for x in texts for i in range(1, len(x) - 1)
+        if x[i : i + 2] not in tok.decode(tail) and stop_tok not in tok.encode(x[: i + 2])
+    )  # fmt: skip
+    runs = {}
+    for overlap in (False, True):
+        pool = pool_of(model, num_blocks=64, block_size=8, max_seq_len=60)
+        free = pool.num_free_blocks
+        gen = Generator(model, pool, tokenizer=tok, graph_backend=ReplayCapture(), overlap_host=overlap)
+        out = gen.generate(prompts, news, stop=[stop_tok, stop_str])
+        assert pool.num_free_blocks == free and pool.seq_ids == []
+        pool.check()
+        assert gen.last_stats.get("overlapped_steps", 0) == (gen.last_stats["decode_steps"] if overlap else 0)
+        runs[overlap] = [(r.token_ids, r.finish_reason, r.text) for r in out.results]
+    assert runs[True] == runs[False]
+    reasons = {reason for _, reason, _ in runs[True]}
+    assert {"stop_token", "stop_string", "max_len"} <= reasons, reasons
+    # a prompt extending an overlapped generation shares nothing fed on the device (unknown ids are never
+    # entered into the prefix cache) and still generates the reference tokens
+    pool = pool_of(model, num_blocks=64, block_size=8, max_seq_len=60)
+    gen = Generator(model, pool, graph_backend=ReplayCapture())
+    first = gen.generate([PROMPTS[1]], 17).token_ids[0]
+    longer = PROMPTS[1] + first
+    assert gen.generate([longer], 3).token_ids[0] == no_cache_greedy(model, longer, 3)
+
+
+def test_overlapped_out_of_blocks_restores_the_pool():
+    model = model_of("llama")
+    pool = pool_of(model, num_blocks=6, block_size=8)
+    pool.add_sequence("other", [1, 2, 3])
+    free = pool.num_free_blocks
+    gen = Generator(model, pool, graph_backend=ReplayCapture())
+    with pytest.raises(OutOfBlocks, match="decode step"):
+        gen.generate([list(range(1, 15)), list(range(2, 16))], 12)
+    assert pool.num_free_blocks == free and pool.seq_ids == ["other"]
+    pool.check()
+    assert gen.generate([PROMPTS[0]], 3).token_ids == [no_cache_greedy(model, PROMPTS[0], 3)]

@@ -338,6 +338,324 @@ def test_a_failing_forward_fails_its_step_only():
     assert drain(sch)["c"].token_ids == generate(model, [[7]], 3).token_ids[0]
 
 
+# ---- overlapped decode (the host one step ahead of the device) ---------------------------------------
+
+
+def streamed_once(outs, final):
+    """Each token streamed exactly once, in order, and one final output that ends the stream."""
+    assert [o.finished for o in outs].count(True) == 1 and outs[-1].finished
+    assert [t for o in outs for t in o.new_token_ids] == final.token_ids
+    assert "".join(o.new_text for o in outs) == final.text
+
+
+def run_sched(model, pool, work, overlap, stops=None, drive=None, **kw):
+    """Every request of work through a Scheduler with the stand-in graph backend; (finals, streamed outputs
+    per request, scheduler)."""
+    kw = dict(dict(max_num_seqs=6, max_num_batched_tokens=24), **kw)
+    sch = Scheduler(model, pool, use_graphs=True, graph_backend=ReplayCapture(), overlap_host=overlap, **kw)
+    streams = {}
+    for i, (p, n) in enumerate(work):
+        streams[i] = []
+        stop = None if stops is None else stops[i]
+        sch.add(sch.make_request(i, p, max_new_tokens=n, stop=stop, on_output=streams[i].append))
+    finals = drain(sch) if drive is None else drive(sch)
+    return finals, streams, sch
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+@pytest.mark.parametrize(
+    "blocks,preemption,budget", [(64, "auto", 24), (14, "swap", 16), (14, "recompute", 16)]
+)
+def test_overlapped_decode_equals_synchronous(kind, blocks, preemption, budget):
+    """Stop tokens that end requests mid-batch (seen one step late), ragged max_new_tokens, a request that
+    reaches the longest sequence, admissions between decode steps and preemption in the small pools: the
+    overlapped scheduler gives every request the tokens and finish reason of the synchronous one (and of the
+    request run alone where no stop ends it early), streams each token once, and leaves the pool whole."""
+    model = model_of(kind)
+    prompts, news = workload(14, model.vocab_size, seed=7, most_new=24)
+    limit = min(64 if kind == "gpt2" else 128, blocks * 8)  # the model's or the pool's longest sequence
+    prompts[3], news[3] = [t % model.vocab_size for t in range(1, limit - 6)], 30  # reaches it
+    free = alone(model, prompts, news)
+    # stop tokens from the free runs: requests 0, 4, 8 stop mid-run (a token that comes after a few others)
+    stops = [None] * 14
+    for i in (0, 4, 8):
+        run = free[i]
+        stops[i] = next((t for j, t in enumerate(run) if j >= 2 and t not in run[:j]), None)
+    work = list(zip(prompts, news, strict=True))
+    results = {}
+    for overlap in (False, True):
+        pool = pool_of(model, blocks)
+        finals, streams, sch = run_sched(
+            model, pool, work, overlap, stops, preemption=preemption, max_num_batched_tokens=budget
+        )
+        assert pool.num_free_blocks == blocks and len(pool) == 0 and pool.stats().swap_host_bytes == 0
+        pool.check()
+        assert sch._inflight is None  # nothing left running on the device
+        for i in range(14):
+            streamed_once(streams[i], finals[i])
+        results[overlap] = [(finals[i].token_ids, finals[i].finish_reason) for i in range(14)]
+        kinds = sch.step_breakdown()["kinds"]
+        if overlap:
+            assert kinds["overlapped"]["steps"] > 0 and kinds["overlapped"]["graph"] > 0
+            assert "admit" in sch.sync_reasons
+            if blocks < 20:
+                assert sch.totals["preempted_swap"] + sch.totals["preempted_recompute"] > 0
+                assert "blocks" in sch.sync_reasons or "resume" in sch.sync_reasons
+        else:
+            assert "overlapped" not in kinds and not sch.sync_reasons
+        assert sch.graphs.stats.error is None
+    assert results[True] == results[False]
+    reasons = [r for _, r in results[True]]
+    assert reasons[3] == "max_len" and reasons.count("stop_token") >= 2, reasons
+    assert len(prompts[3]) + len(results[True][3][0]) == limit + 1
+    for i, (toks, reason) in enumerate(results[True]):
+        if reason == "length":
+            assert toks == free[i]
+        else:
+            assert toks == free[i][: len(toks)] and (reason == "max_len" or toks[-1] == stops[i])
+
+
+def test_overlapped_step_accounting():
+    """Steps by kind: a pure-decode stretch overlaps (one step in flight, its tokens read by the next call),
+    the step that admits runs synchronously; the per-kind times add up to the steps' times."""
+    model = model_of("llama")
+    pool = pool_of(model, 64)
+    sch = Scheduler(model, pool, max_num_seqs=4, max_num_batched_tokens=64, use_graphs=True,
+                    graph_backend=ReplayCapture())  # fmt: skip
+    assert sch.overlap_host  # the default where decode steps are padded to buckets
+    sch.add(sch.make_request("a", [1, 2, 3], max_new_tokens=6))
+    sch.add(sch.make_request("b", [4, 5], max_new_tokens=9))
+    got = [sch.step()]  # admit + prefill: "a" and "b" sample their first token (synchronous)
+    assert sch.last_step.kind == "mixed" and len(got[0]) == 2
+    got.append(sch.step())  # the first overlapped step: nothing was in flight, no tokens come back
+    assert sch.last_step.kind == "overlapped" and got[-1] == [] and sch._inflight is not None
+    got.append(sch.step())
+    assert sch.last_step.kind == "overlapped" and [o.request_id for o in got[-1]] == ["a", "b"]
+    sch.add(sch.make_request("c", [6], max_new_tokens=2))
+    got.append(sch.step())  # admission: the in-flight tokens first, then a synchronous mixed step
+    st = sch.last_step
+    assert st.kind == "mixed" and st.sync_reason == "admit" and st.admitted == 1 and sch._inflight is None
+    assert [o.request_id for o in got[-1]] == ["a", "b", "a", "b", "c"]
+    rows = 2 + 2 + 2  # the decode rows of the two overlapped steps and of the mixed one
+    while sch.has_work:
+        got.append(sch.step())
+        rows += sch.last_step.decode_seqs
+    # counts are known ahead: no request is launched past its max_new_tokens (without stops, no waste);
+    # every token but the first (from the prefill) is one decode row
+    assert rows == (6 - 1) + (9 - 1) + (2 - 1)
+    finals = {o.request_id: o for step in got for o in step if o.finished}
+    assert finals["a"].token_ids == generate(model, [[1, 2, 3]], 6).token_ids[0]
+    assert finals["b"].token_ids == generate(model, [[4, 5]], 9).token_ids[0]
+    assert finals["c"].token_ids == generate(model, [[6]], 2).token_ids[0]
+    b = sch.step_breakdown()
+    assert sum(k["steps"] for k in b["kinds"].values()) == sch.totals["steps"]
+    for k in b["kinds"].values():
+        assert 0 <= k["host_ms"] + k["wait_ms"] + k["post_ms"] <= k["ms"] + 1e-6
+    assert sch.totals["generated_tokens"] == 6 + 9 + 2
+    assert pool.num_free_blocks == 64
+    sch.reset_stats()
+    assert sch.totals["steps"] == 0 and sch.step_breakdown() == dict(kinds={}, sync_reasons={})
+
+
+def test_overlapped_abort_while_a_step_is_in_flight():
+    model = model_of("gpt2")
+    prompts, news = workload(8, model.vocab_size, seed=13, most_new=30)
+    news = [max(n, 12) for n in news]
+    expected = alone(model, prompts, news)
+    aborted = {}
+
+    def drive(sch):
+        finals = {}
+        while sch.has_work:
+            inf = sch._inflight
+            if inf is not None and len(aborted) < 2:
+                live = [r for r in inf.reqs if r.status == "running" and len(r.output) >= 3]
+                if live:  # its next token is on the device: discarded
+                    r = live[-1]
+                    aborted[r.request_id] = list(r.output)
+                    assert sch.abort(r.request_id) and r.status == "finished"
+                    if sch.waiting:  # and one that has not started
+                        w = sch.waiting[-1]
+                        aborted[w.request_id] = []
+                        assert sch.abort(w.request_id)
+            for o in sch.step():
+                if o.finished:
+                    finals[o.request_id] = o
+            sch.pool.check()
+        return finals
+
+    pool = pool_of(model, 64)
+    finals, streams, sch = run_sched(model, pool, list(zip(prompts, news, strict=True)), True,
+                                     drive=drive, max_num_seqs=4, admit_batch=1)  # fmt: skip
+    assert aborted and pool.num_free_blocks == 64 and len(pool) == 0
+    assert len(aborted) == 2 and sorted(finals) == sorted(set(range(8)) - set(aborted))
+    finals = {i: streams[i][-1] for i in range(8)}  # an abort's final output goes to the callback
+    for i in range(8):
+        streamed_once(streams[i], finals[i])
+        if i in aborted:
+            assert finals[i].finish_reason == "abort" and finals[i].token_ids == aborted[i]
+            assert expected[i][: len(aborted[i])] == aborted[i]
+        else:
+            assert finals[i].token_ids == expected[i]
+    assert sch.step_breakdown()["kinds"]["overlapped"]["steps"] > 0
+
+
+def test_overlapped_with_sampled_requests_and_stop_strings():
+    """A sampled request keeps the batch synchronous while it runs (the same draws as Generator for its
+    seed); once it ends, the greedy ones overlap. Stop strings (held back while they may still match)
+    stream the same text as the synchronous scheduler."""
+    model = model_of("bytes", seed=1)
+    tok = ByteTokenizer()
+    prompts = [list(b"Hello"), list(b"abc"), list(b"xyz!"), list(b"Hello")]
+    free = Engine(model, tok, pool=pool_of(model, 64)).generate([prompts[0]], 40, ignore_eos=True)[0].text
+    stop = free[10:13]
+    kws = [dict(stop=[stop]), dict(temperature=0.9, seed=5), dict(), dict(stop=[stop])]
+    news = [40, 6, 30, 25]
+    out = {}
+    for overlap in (False, True):
+        engine = Engine(model, tok, pool=pool_of(model, 64), max_num_seqs=4, use_graphs=True,
+                        graph_backend=ReplayCapture(), overlap_host=overlap)  # fmt: skip
+        streams = {i: [] for i in range(4)}
+        rids = [
+            engine.add_request(p, n, ignore_eos=True, on_output=streams[i].append, **kw)
+            for i, (p, n, kw) in enumerate(zip(prompts, news, kws, strict=True))
+        ]
+        finals = {o.request_id: o for o in engine.iterate() if o.finished}
+        for i, r in enumerate(rids):
+            streamed_once(streams[i], finals[r])
+        out[overlap] = [(finals[r].token_ids, finals[r].text, finals[r].finish_reason) for r in rids]
+        steps = engine.summary()["steps"]
+        assert ("overlapped" in steps["kinds"]) == overlap
+        if overlap:
+            assert steps["sync_reasons"].get("sampling", 0) > 0
+        assert engine.pool.num_free_blocks == 64
+    assert out[True] == out[False]
+    assert out[True][0][2] == "stop_string" and out[True][0][1] == free[:10]
+    gen = Generator(model, pool_of(model, 32))
+    assert out[True][1][0] == gen.generate([prompts[1]], 6, temperature=0.9, seed=[5]).token_ids[0]
+
+
+def test_overlapped_engine_aborts_from_callbacks_and_threads():
+    """Aborts that arrive while a step is in flight, from a streaming callback (the stepping thread) and
+    from client threads, against the background loop: the others' tokens are unchanged, the pool whole."""
+    model = model_of("gpt2", dtype=np.float32)
+    prompts, news = workload(16, model.vocab_size, seed=17, most_new=30)
+    news = [max(n, 8) for n in news]
+    expected = alone(model, prompts, news)
+    engine = Engine(model, pool=pool_of(model, 48), max_num_seqs=6, use_graphs=True,
+                    graph_backend=ReplayCapture(), max_queue=64)  # fmt: skip
+    assert engine.scheduler.overlap_host
+    streams = {i: [] for i in range(16)}
+    finals = {}
+    done = threading.Event()
+    lock = threading.Lock()
+    rids = [None] * 16
+
+    def on_output(i):
+        def cb(o):
+            streams[i].append(o)
+            if i % 5 == 0 and len(o.token_ids) == 3 and not o.finished:
+                engine.abort(o.request_id)  # processed at the next step, with a step in flight
+            if o.finished:
+                with lock:
+                    finals[i] = o
+                    if len(finals) == 16:
+                        done.set()
+
+        return cb
+
+    engine.start()
+    for i in range(16):
+        rids[i] = engine.add_request(prompts[i], news[i], on_output=on_output(i))
+    threading.Thread(target=lambda: (time_sleep(0.01), engine.abort(rids[7]))).start()
+    assert done.wait(30), "not every request finished"
+    engine.stop()
+    for i in range(16):
+        streamed_once(streams[i], finals[i])
+        if finals[i].finish_reason == "abort":
+            assert i % 5 == 0 or i == 7
+            assert finals[i].token_ids == expected[i][: len(finals[i].token_ids)]
+        else:
+            assert finals[i].token_ids == expected[i]
+    # aborted after their third token, with the fourth on the device: it is never streamed
+    assert all(finals[i].finish_reason == "abort" and len(finals[i].token_ids) == 3 for i in (0, 5, 10, 15))
+    assert engine.summary()["kv_blocks_used"] == 0 and engine.pool.num_free_blocks == 48
+    assert engine.summary()["steps"]["kinds"]["overlapped"]["steps"] > 0
+
+
+def time_sleep(s):
+    import time
+
+    time.sleep(s)
+
+
+def test_overlapped_with_the_adaptive_controller():
+    """The latency controller shrinking the batch under a running one (an unreachable target: it shrinks
+    every step): the steps over the limit run synchronously, the tokens stay those of each request alone."""
+    model = model_of("llama", dtype=np.float32)
+    prompts, news = workload(16, model.vocab_size, seed=23, most_new=30)
+    engine = Engine(model, pool=pool_of(model, 30), max_num_seqs=8, adaptive="latency", target_ms=1e-3,
+                    use_graphs=True, graph_backend=ReplayCapture())  # fmt: skip
+    outs = engine.generate(prompts, news)
+    assert [o.token_ids for o in outs] == alone(model, prompts, news)
+    s = engine.summary()
+    assert s["steps"]["kinds"]["overlapped"]["steps"] > 0
+    assert "max_seqs" in s["steps"]["sync_reasons"], s["steps"]["sync_reasons"]
+    assert engine.pool.num_free_blocks == 30 and s["adaptive"]["max_seqs"] < 8
+
+
+def test_overlapped_callback_that_raises():
+    """A streaming callback that raises while the next step is in flight fails its step's requests (as a
+    synchronous step does); the requests admitted later run on and the pool is whole."""
+    model = model_of("llama")
+    pool = pool_of(model, 48)
+    sch = Scheduler(model, pool, max_num_seqs=2, max_num_batched_tokens=64, use_graphs=True,
+                    graph_backend=ReplayCapture(), admit_batch=2)  # fmt: skip
+    seen = []
+
+    def bad(o):
+        seen.append(o)
+        if len(o.token_ids) == 4 and not o.finished:
+            raise RuntimeError("callback failed")
+
+    sch.add(sch.make_request("bad", [1, 2], max_new_tokens=10, on_output=bad))
+    sch.add(sch.make_request("ok", [3, 4, 5], max_new_tokens=10))
+    sch.add(sch.make_request("later", [6], max_new_tokens=7))
+    finals = drain(sch)
+    assert finals["bad"].finish_reason == "error" and "callback failed" in finals["bad"].error
+    assert finals["ok"].finish_reason == "error"  # its tokens were read in the same step
+    assert finals["later"].token_ids == generate(model, [[6]], 7).token_ids[0]
+    assert seen[-1].finished and [t for o in seen for t in o.new_token_ids] == finals["bad"].token_ids
+    assert pool.num_free_blocks == 48 and len(pool) == 0 and sch._inflight is None
+    assert sch.step_breakdown()["kinds"]["overlapped"]["steps"] > 0
+
+
+def test_overlapped_failing_forward_and_unpadded_overlap():
+    """overlap_host without buckets (eager, unpadded decode) and a forward that raises while a step is in
+    flight: the in-flight tokens are kept, the failing step's requests end with "error", the rest go on."""
+    model = model_of("gpt2")
+    pool = pool_of(model, 32)
+    sch = Scheduler(FailingModel(model, at=12), pool, max_num_seqs=4, max_num_batched_tokens=64,
+                    overlap_host=True)  # fmt: skip
+    assert not sch.pad and sch.overlap_host
+    streams = {"a": [], "b": []}
+    sch.add(sch.make_request("a", [1, 2, 3], max_new_tokens=20, on_output=streams["a"].append))
+    sch.add(sch.make_request("b", [4, 5], max_new_tokens=4, on_output=streams["b"].append))
+    finals = drain(sch)
+    assert finals["a"].finish_reason == "error" and "injected failure" in finals["a"].error
+    assert finals["b"].finish_reason == "length"
+    assert finals["b"].token_ids == generate(model, [[4, 5]], 4).token_ids[0]
+    a = finals["a"].token_ids
+    assert a == generate(model, [[1, 2, 3]], 20).token_ids[0][: len(a)]
+    assert len(finals["a"].token_ids) >= 12 - 3 - 1  # every token computed before the failure was kept
+    for r in "ab":
+        streamed_once(streams[r], finals[r])
+    assert pool.num_free_blocks == 32 and sch.totals["errors"] == 1
+    assert sch.step_breakdown()["kinds"]["overlapped"]["graph"] == 0
+    sch.add(sch.make_request("c", [7], max_new_tokens=5))
+    assert drain(sch)["c"].token_ids == generate(model, [[7]], 5).token_ids[0]
+
+
 # ---- the engine: threads, queue bound, metrics ---------------------------------------------------------
 
 
@@ -492,3 +810,57 @@ def make_pool_gpu(model, cp, blocks=64):
         model.num_layers, model.num_kv_heads, model.head_dim, model.dtype, 8, num_blocks=blocks, xp=cp
     )
     return KVPool(arena)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_gpu_overlapped_decode_stops_and_aborts(cp, kind):
+    """fp32 on the GPU with real CUDA graphs: overlapped decode (pinned reads, tokens fed on the device)
+    with stop tokens mid-batch and an abort while a step is in flight gives the synchronous scheduler's
+    tokens, which equal the CPU reference run alone; the pool is whole and nothing stays in flight."""
+    cpu = model_of(kind)
+    gpu = init_random(CONFIGS[kind], 0, np.float32, cp, std=STD)
+    prompts, news = workload(12, cpu.vocab_size, seed=19, most_new=24)
+    free = alone(cpu, prompts, news)
+    stops = [None] * 12
+    for i in (1, 5, 9):
+        run = free[i]
+        stops[i] = next((t for j, t in enumerate(run) if j >= 2 and t not in run[:j]), None)
+    results = {}
+    for overlap in (False, True):
+        pool = make_pool_gpu(gpu, cp, blocks=64)
+        sch = Scheduler(gpu, pool, max_num_seqs=8, max_num_batched_tokens=32, overlap_host=overlap)
+        streams = {i: [] for i in range(12)}
+        for i, (p, n) in enumerate(zip(prompts, news, strict=True)):
+            sch.add(sch.make_request(i, p, max_new_tokens=n, stop=stops[i], on_output=streams[i].append))
+        aborted = None
+        while sch.has_work:
+            inf = sch._inflight
+            if overlap and aborted is None and inf is not None:
+                live = [r for r in inf.reqs if r.status == "running" and len(r.output) >= 2]
+                if live:
+                    aborted = live[0].request_id
+                    sch.abort(aborted)
+            sch.step()
+            pool.check()
+        assert pool.num_free_blocks == 64 and len(pool) == 0 and sch._inflight is None
+        finals = {i: streams[i][-1] for i in range(12)}
+        for i in range(12):
+            streamed_once(streams[i], finals[i])
+        results[overlap] = (finals, aborted)
+        if overlap:
+            kinds = sch.step_breakdown()["kinds"]
+            assert kinds["overlapped"]["steps"] > 0 and kinds["overlapped"]["graph"] > 0
+            assert sch.graphs.stats.error is None
+    sync, _ = results[False]
+    over, aborted = results[True]
+    assert aborted is not None and over[aborted].finish_reason == "abort"
+    for i in range(12):
+        toks = over[i].token_ids
+        if i == aborted:
+            assert toks == sync[i].token_ids[: len(toks)]
+        else:
+            assert (toks, over[i].finish_reason) == (sync[i].token_ids, sync[i].finish_reason)
+        assert toks == free[i][: len(toks)]
+        if over[i].finish_reason == "length":
+            assert toks == free[i]

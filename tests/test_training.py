@@ -385,12 +385,15 @@ class RecordingDP:
         self.ready = 0
         self.calls.append("finish")
 
+    def synchronize(self):
+        self.calls.append("sync")
+
 
 def test_data_parallel_calls(tmp_path, corpus):
     made = []
     train(tiny_config(steps=2, grad_accum=2), tmp_path, progress=False, corpus=corpus, log=lambda _m: None,
           dp_factory=lambda params: made.append(RecordingDP(params)) or made[-1])  # fmt: skip
-    step = ["begin(False)", "begin(True)", "finish"]
+    step = ["begin(False)", "begin(True)", "finish", "sync"]
     assert made[0].calls == ["broadcast", *step, *step]
 
 

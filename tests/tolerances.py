@@ -54,3 +54,17 @@ def assert_close(out, ref, dtype=None, name="output", rtol=None, scale=None):
 def poison(xp, shape, dtype):
     """An output buffer full of NaN, so an unwritten element fails the comparison."""
     return xp.full(shape, np.nan, dtype=dtype)
+
+
+def poison_pool(cp, nbytes=1 << 26):
+    """Fill memory CuPy's pool hands out next with NaN, so an output element an op never writes shows (for
+    ops that allocate their own outputs)."""
+    junk = cp.full(nbytes // 4, np.nan, dtype=np.float32)
+    del junk
+
+
+def assert_written_close(y, want, dtype):
+    """Every element of `y` written (no NaN left from poison_pool) and within the dtype's tolerance."""
+    got = backend.to_numpy(y).astype(np.float64)
+    assert np.isfinite(got).all(), "an output element was not written (poisoned NaN)"
+    assert_close(got, want, dtype)

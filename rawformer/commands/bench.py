@@ -6,7 +6,10 @@ runs them; with --static the same workload also runs as static batches (rawforme
 --max-num-seqs requests, each wave held until its longest request ends) and the ratio is printed.
 
 Reported: generated tokens / wall second, request latency p50 / p99 and time to first token p50 / p99 (from
-the moment all requests were queued), steps, preemptions and the adaptive controller's final knobs.
+the moment all requests were queued), steps, preemptions, the adaptive controller's final knobs, and where
+the continuous run's time went: steps by kind (overlapped / graph / eager / mixed, see
+rawformer.runtime.scheduler) with their mean milliseconds split into host (before the launch), wait (on the
+device) and tokens (stops, streaming), and why decode steps did not overlap.
 """
 
 from __future__ import annotations
@@ -83,8 +86,31 @@ def run_continuous(
         latency_p50=percentile(lat, 50), latency_p99=percentile(lat, 99),
         ttft_p50=percentile(ttft, 50), ttft_p99=percentile(ttft, 99),
         steps=t["steps"], preemptions=t["preempted_swap"] + t["preempted_recompute"],
-        adaptive=engine.controller.state(), token_ids=[o.token_ids for o in outs],
+        adaptive=engine.controller.state(), breakdown=sch.step_breakdown(),
+        token_ids=[o.token_ids for o in outs],
     )  # fmt: skip
+
+
+def format_breakdown(b: dict) -> list[str]:
+    """Lines of a continuous run's step breakdown (Scheduler.step_breakdown): steps by kind, mean ms per step
+    and its parts (host before the launch, waiting on the device, the tokens after), why steps were
+    synchronous."""
+    lines = []
+    total = sum(k["seconds"] for k in b["kinds"].values()) or 1.0
+    for kind, k in sorted(b["kinds"].items(), key=lambda kv: -kv[1]["seconds"]):
+        per = k["tokens"] / max(1, k["steps"])
+        lines.append(
+            f"  {kind:<10} {k['steps']:6d} steps ({k['graph']} graph) {k['seconds']:7.3f} s "
+            f"({100 * k['seconds'] / total:4.1f}%): {k['ms']:.3f} ms/step = host {k['host_ms']:.3f} + wait "
+            f"{k['wait_ms']:.3f} + tokens {k['post_ms']:.3f} (+ rest), {per:.1f} tokens/step"
+        )
+        if k.get("buckets"):
+            by = ", ".join(f"{b}: {c} x {ms:.3f} ms" for b, (c, ms) in k["buckets"].items())
+            lines.append(f"  {'':<10} by decode batch bucket: {by}")
+    if b["sync_reasons"]:
+        reasons = sorted(b["sync_reasons"].items())
+        lines.append("  not overlapped: " + ", ".join(f"{r} {n}" for r, n in reasons))
+    return lines
 
 
 def run_static(
@@ -101,9 +127,13 @@ def run_static(
     t0 = time.perf_counter()
     tokens = []
     lat = []
+    keys = ("decode_steps", "overlapped_steps", "decode_s", "prefill_s", "prefill_forwards")
+    parts = dict.fromkeys(keys, 0)  # the Generator's per-call stats, summed over the waves
     for s in range(0, len(work), batch):
         wave = work[s : s + batch]
         out = gen.generate([p for p, _ in wave], [m for _, m in wave], ignore_eos=True)
+        for k in parts:
+            parts[k] += gen.last_stats.get(k, 0)
         tokens += out.token_ids
         lat += [time.perf_counter() - t0] * len(wave)  # a wave's requests return together
         if progress:
@@ -112,7 +142,7 @@ def run_static(
     n = sum(len(t) for t in tokens)
     return dict(
         mode="static", requests=len(work), generated_tokens=n, seconds=wall, tokens_per_s=n / wall,
-        latency_p50=percentile(lat, 50), latency_p99=percentile(lat, 99), token_ids=tokens,
+        latency_p50=percentile(lat, 50), latency_p99=percentile(lat, 99), **parts, token_ids=tokens,
     )  # fmt: skip
 
 
@@ -162,6 +192,7 @@ def run(args: argparse.Namespace) -> int:
         f"           steps {cont['steps']}, preemptions {cont['preemptions']}, adaptive {st['mode']}: token "
         f"budget {st['token_budget']}, max seqs {st['max_seqs']}, step {st['ema_step_ms']:.1f} ms"
     )
+    print("\n".join(format_breakdown(cont["breakdown"])))
     if args.static:
         with progress(total=len(work), desc="static", unit="req") as bar:
             stat = run_static(model, engine.pool, work, args.max_num_seqs, bar.update)

@@ -12,6 +12,10 @@ Backends (`make_backend(kind, group)`):
                    the stream is synchronised first, since MPI knows nothing of CUDA streams.
     'host-staged'  CuPy arrays copied to the host, MPI there, copied back when MPI completes.
 
+A group of one rank needs no communication: there the GPU backends ('nccl', 'host-staged') do an in-place
+all-reduce as a no-op and an out-of-place one as a device copy on the stream, each with its completion event
+(NCCL's own one-rank in-place all-reduce is a ~1 us no-op too; host-staged skips the round trip to the host).
+
 `default_kind(array)` picks: NumPy -> 'mpi'; CuPy -> 'nccl' when cupy.cuda.nccl imports, else 'mpi-cuda' when
 the MPI reports CUDA support, else 'host-staged'. `RAWFORMER_COLLECTIVES` overrides the choice for CuPy.
 """
@@ -110,6 +114,27 @@ def default_kind(array: Any) -> str:
     return "mpi-cuda" if cuda_aware_mpi() else "host-staged"
 
 
+def _local_allreduce(buf: Any, out: Any, stream: Any) -> Work:
+    """The all-reduce of a one-rank group: the sum is buf itself. In place: nothing to do; into `out`: a
+    copy. CuPy arrays: on `stream` (default: the current one), with a timed completion event recorded there
+    after it, so a caller orders other streams after it exactly as after a real collective."""
+    if out is not None:
+        _same(buf, out)
+    if not backend.is_cupy(buf):
+        if out is not None:
+            np.copyto(out, buf)
+        return _Done()
+    cp = sys.modules["cupy"]
+    stream = stream if stream is not None else cp.cuda.get_current_stream()
+    if out is not None and buf.nbytes:
+        cp.cuda.runtime.memcpyAsync(
+            out.data.ptr, buf.data.ptr, buf.nbytes, cp.cuda.runtime.memcpyDeviceToDevice, stream.ptr
+        )
+    event = cp.cuda.Event(block=False)  # timed, like NcclCollectives' completion events
+    event.record(stream)
+    return _EventWork(event)
+
+
 def _check(buf: Any, what: str) -> None:
     if not hasattr(buf, "dtype") or not hasattr(buf, "flags"):
         raise TypeError(f"{what} must be a NumPy or CuPy array, got {type(buf).__name__}")
@@ -191,11 +216,17 @@ class HostStagedCollectives:
         return (lambda: buf.set(host)) if backend.is_cupy(buf) else None
 
     def allreduce(self, buf: Any, stream: Any = None, out: Any = None) -> Work:
+        """buf <- sum of buf over the group, in place (or into `out`); one rank: no staging (a no-op)."""
+        if self.group.size == 1:
+            _check(buf, "buf")
+            return _local_allreduce(buf, out, stream)
         MPI = mpi()
         host = self._stage(buf)
         if out is not None:
             _same(buf, out)
         target = buf if out is None else out
+        if out is not None and host is buf:  # NumPy buf: sum a copy, buf itself stays as it was
+            host = host.copy()
         if host.dtype == np.float16:  # no portable 16-bit MPI float type (Open MPI rejects it): sum in fp32
             wide = host.astype(np.float32)
 
@@ -207,7 +238,10 @@ class HostStagedCollectives:
                     np.copyto(target, narrow)
 
             return _MpiWork(self.comm.Iallreduce(MPI.IN_PLACE, wide, op=MPI.SUM), back)
-        return _MpiWork(self.comm.Iallreduce(MPI.IN_PLACE, host, op=MPI.SUM), self._back(target, host))
+        back = self._back(target, host)
+        if back is None and target is not host:  # a NumPy `out`: the sum was made in the copy
+            back = lambda: np.copyto(target, host)  # noqa: E731
+        return _MpiWork(self.comm.Iallreduce(MPI.IN_PLACE, host, op=MPI.SUM), back)
 
     def broadcast(self, buf: Any, root: int = 0, stream: Any = None) -> Work:
         host = self._stage(buf)
@@ -264,7 +298,11 @@ class NcclCollectives:
         return _EventWork(event)
 
     def allreduce(self, buf: Any, stream: Any = None, out: Any = None) -> Work:
+        """buf <- sum of buf over the group, in place (or into `out`), queued on `stream`; one rank: a
+        no-op (in place) or a device copy, without calling NCCL."""
         ptr, n, dtype, stream = self._args(buf, stream)
+        if self.group.size == 1:
+            return _local_allreduce(buf, out, stream)
         dst = ptr
         if out is not None:
             _same(buf, out)

@@ -106,16 +106,21 @@ class _Swapped:
     num_blocks: int
 
 
-def _token_list(token_ids: Any, name: str) -> list[int]:
-    """Token ids as a list of Python ints >= 0 (a list, tuple or 1-D integer array)."""
+UNKNOWN_TOKEN = -1  # a new token whose id is still on the device (KVPool.prepare(..., unknown_tokens=True))
+
+
+def _token_list(token_ids: Any, name: str, allow_unknown: bool = False) -> list[int]:
+    """Token ids as a list of Python ints >= 0 (a list, tuple or 1-D integer array); with allow_unknown,
+    UNKNOWN_TOKEN entries too."""
     if token_ids is None:
         return []
-    if isinstance(token_ids, (list, tuple)) and all(type(t) is int and t >= 0 for t in token_ids):
+    low = UNKNOWN_TOKEN if allow_unknown else 0
+    if isinstance(token_ids, (list, tuple)) and all(type(t) is int and t >= low for t in token_ids):
         return list(token_ids)  # the common case (a decode step's one token) without NumPy
     arr = np.asarray(token_ids)
     if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
         raise TypeError(f"{name} must be a 1-D sequence of ints, got dtype {arr.dtype} shape {arr.shape}")
-    if arr.size and int(arr.min()) < 0:
+    if arr.size and int(arr.min()) < low:
         raise ValueError(f"{name} holds a negative token id ({int(arr.min())})")
     return arr.tolist()
 
@@ -532,6 +537,7 @@ class KVPool:
         max_prompt_tokens: int | None = None,
         pad_to: int | None = None,
         block_table_width: int | None = None,
+        unknown_tokens: bool = False,
     ) -> AttentionBatch:
         """Allocate the slots of one forward step and describe it.
 
@@ -554,6 +560,11 @@ class KVPool:
             written), context length 0 and a table row of -1.
         block_table_width : int, optional
             Columns of block_tables (default: the longest table in the batch); at least that.
+        unknown_tokens : bool
+            New tokens may be UNKNOWN_TOKEN (-1): sampled by the previous step and still on the device. The
+            caller writes their ids into `batch.tokens` on the device before the forward (the Generator's
+            overlapped greedy decode). Like append_slots without ids, an unknown token ends the sequence's
+            prefix caching from its block on.
 
         Returns
         -------
@@ -582,7 +593,7 @@ class KVPool:
         width = 1
         for sid, given in zip(seq_ids, new_token_lists, strict=True):
             seq = self._get(sid)
-            extra = _token_list(given, f"prepare: new tokens of sequence {sid!r}")
+            extra = _token_list(given, f"prepare: new tokens of sequence {sid!r}", unknown_tokens)
             pending = seq.num_pending
             if pending and extra:
                 if extra == seq.token_ids or extra == seq.token_ids[seq.num_computed :]:

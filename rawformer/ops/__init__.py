@@ -5,9 +5,11 @@ from rawformer.ops.activations import gelu, gelu_backward, silu, swiglu, swiglu_
 from rawformer.ops.attention import attention
 from rawformer.ops.attention_backward import attention_backward
 from rawformer.ops.embedding import embedding, embedding_backward
+from rawformer.ops.int8_norm_linear import int8_add_rms_norm_linear
 from rawformer.ops.linear import linear, linear_swiglu
 from rawformer.ops.loss import cross_entropy
 from rawformer.ops.mla import mla_decode
+from rawformer.ops.norm_linear import add_rms_norm_linear
 from rawformer.ops.norms import (
     add_layer_norm,
     add_rms_norm,
@@ -26,6 +28,7 @@ __all__ = [
     "adamw_step",
     "add_layer_norm",
     "add_rms_norm",
+    "add_rms_norm_linear",
     "attention",
     "attention_backward",
     "cross_entropy",
@@ -34,6 +37,7 @@ __all__ = [
     "gelu",
     "gelu_backward",
     "grad_norm",
+    "int8_add_rms_norm_linear",
     "int8_linear",
     "int8_linear_swiglu",
     "kv_write",

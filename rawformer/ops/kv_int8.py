@@ -98,7 +98,7 @@ def _quantize_rows(x: Any) -> tuple[Any, Any]:
 
 def fake_quantize_kv(x: Any) -> Any:
     """What an INT8 cache gives back for rows x (..., head_dim): q * s per row, in x's dtype (fp16 rounds
-    the product once more). For measuring INT8-KV accuracy through an fp16 cache (bench/accuracy.py)."""
+    the product once more). The reference for what the Int8KVArena path stores (tests/test_quant.py)."""
     q, s = _quantize_rows(x.astype(np.float32))
     return (q.astype(np.float32) * s.astype(np.float32)[..., None]).astype(x.dtype)
 

@@ -13,6 +13,8 @@ run the float64 reference (result in x's dtype).
 
 gemv_nk needs K and the row pitch to be multiples of the vector width (8 halves / 4 floats), 16-byte
 aligned W and x rows. Rows per warp and loads in flight are chosen by N (`_nk_config`, measured).
+Its twin gemv_nk_norm (the RMSNorm and residual add of the input in the prologue) is launched from here too,
+for rf.add_rms_norm_linear (rawformer/ops/norm_linear.py).
 """
 
 from __future__ import annotations
@@ -51,11 +53,12 @@ def _vw(dtype: Any) -> int:
 
 def _instantiations() -> list[str]:
     out = []
-    for t in ("__half", "float"):
-        for m in _ROW_TILES:
-            for rows, unroll in NK_SHAPES:
-                for dual in ("false", "true"):
-                    out.append(f"gemv::gemv_nk<{t}, {m}, {rows}, {unroll}, {dual}>")
+    for kernel in ("gemv_nk", "gemv_nk_norm"):  # gemv_nk_norm: rf.add_rms_norm_linear (ops/norm_linear.py)
+        for t in ("__half", "float"):
+            for m in _ROW_TILES:
+                for rows, unroll in NK_SHAPES:
+                    for dual in ("false", "true"):
+                        out.append(f"gemv::{kernel}<{t}, {m}, {rows}, {unroll}, {dual}>")
     return out
 
 
@@ -125,14 +128,21 @@ def _nk_config(n: int) -> tuple[int, int]:
     return (1, 8) if n <= 4096 else (2, 4)
 
 
-def _gemv_nk(x2: Any, w: Any, w2: Any, pitch: int, b: Any, b2: Any, out: Any) -> None:
+def _gemv_nk(
+    x2: Any, w: Any, w2: Any, pitch: int, b: Any, b2: Any, out: Any, norm: tuple[Any, ...] | None = None
+) -> None:
+    """Launch gemv_nk over the (rows, K) x2 into out (rows, N). With `norm` = (a2, ln_w, s_out, eps):
+    gemv_nk_norm, x2 being the residual stream and the input h = rms_norm(x2 + a2) * ln_w computed in the
+    kernel (a2 / ln_w / s_out None or (rows, K) / (K,) / (rows, K); the caller checked alignment and that
+    rows * K * itemsize fits NORM_SMEM_LIMIT)."""
     rows, k = x2.shape
     n = w.shape[1]
     m = _row_tile(rows)
     dual = w2 is not None
     rows_per_warp, unroll = NK_CONFIG or _nk_config(n)
+    name = "gemv_nk" if norm is None else "gemv_nk_norm"
     expr = (
-        f"gemv::gemv_nk<{cuda_type(w.dtype)}, {m}, {rows_per_warp}, {unroll}, {'true' if dual else 'false'}>"
+        f"gemv::{name}<{cuda_type(w.dtype)}, {m}, {rows_per_warp}, {unroll}, {'true' if dual else 'false'}>"
     )
     kernel = get_function(_FAMILY, expr)
     grid = -(-n // (_WARPS * rows_per_warp))
@@ -141,7 +151,19 @@ def _gemv_nk(x2: Any, w: Any, w2: Any, pitch: int, b: Any, b2: Any, out: Any) ->
         b if b is not None else _NULL, b2 if b2 is not None else _NULL,
         out, i32(out.strides[0] // out.itemsize), i32(rows), i32(k), i32(n),
     )  # fmt: skip
-    launch(kernel, (grid,), (_THREADS,), args, bytes_moved=(2 if dual else 1) * w.nbytes, pdl=True)
+    smem = 0
+    if norm is not None:
+        a2, ln_w, s_out, eps = norm
+        args += (
+            _NULL if a2 is None else a2, i32(0 if a2 is None else a2.strides[0] // a2.itemsize),
+            _NULL if ln_w is None else ln_w, _NULL if s_out is None else s_out,
+            i32(0 if s_out is None else s_out.strides[0] // s_out.itemsize), np.float32(eps),
+        )  # fmt: skip
+        smem = rows * k * x2.itemsize  # h staged in shared memory
+    launch(
+        kernel, (grid,), (_THREADS,), args, shared_mem=smem,
+        bytes_moved=(2 if dual else 1) * w.nbytes, pdl=True,
+    )  # fmt: skip
 
 
 def _rows(x: Any) -> Any:

@@ -26,15 +26,28 @@ GPU (impl="cuda"): float16 with (R, Dr) = (512, 64) (DeepSeek-V2 / V3) runs cuda
                     (memory-bound: the latent stream is read once per 16 rows)
         rows >= 64  mla_decode_v1<512, 64, 4, 8, 32>: 64 rows per CTA, 8 warps, 32-token tiles (every latent
                     tile feeds 4 x 16 rows of tensor-core MMAs: the compute-bound case of many heads)
-    version 2 (the default), v1's work split with 3 barriers per tile instead of 5, a STAGES-deep cp.async
-    ring, a row-per-warp loader and programmatic dependent launch (cuda_src/mla_decode.cu), tile configs
+    version 2, v1's work split with 3 barriers per tile instead of
+    5, a STAGES-deep cp.async ring, a row-per-warp loader and programmatic dependent launch, tile configs
     (MT m-tiles of 16 rows, warps, tokens per tile, stages) picked for >= 2 resident CTAs per SM:
         rows <= 16  mla_decode_v2<512, 64, 1, 2, 32, 2>: 16 rows, 2 warps, 95 KB of shared memory
         rows > 16   mla_decode_v2<512, 64, 2, 4, 32, 2>: 32 rows, 4 warps, 113 KB (2 CTAs per H100 SM)
         `tile_config=` takes any of V2_CONFIGS (bench/mla.py measures them all).
+    version 3, tensor cores with the heads as the M dimension and FlashMLA's shape: Q and K tiles in swizzled
+    (unpadded) shared memory, so 64 rows and two 64-token stages fit one CTA; warps in RG row groups x CG
+    column groups (each: WM m16 tiles x R / CG output columns, scores of TK / CG tokens of every tile); the
+    CG warps of a row group exchange maxima and P through shared memory with a named barrier, one
+    __syncthreads per tile for the cp.async ring (cuda_src/mla_decode.cu). Tile configs (MT, WM, CG, TK,
+    STAGES), V3_CONFIGS:
+        rows <= 16  mla_decode_v3<512, 64, 1, 1, 4, 64, 2>: 16 rows, 4 warps, 2 stages of 64 tokens
+                    (memory-bound; measured best of the sweep at 16 heads: 0.045 ms vs 0.063 for 4 stages of
+                    32 tokens)
+        rows <= 32  mla_decode_v3<512, 64, 2, 1, 2, 32, 2>: 32 rows, 4 warps, 113 KB (2 CTAs per SM)
+        rows > 32   mla_decode_v3<512, 64, 4, 2, 4, 64, 2>: 64 rows, 8 warps of 32 rows x 128 columns,
+                    64-token tiles, 226 KB (compute-bound: 128 heads = 2 CTAs per sequence)
+    The default version is DEFAULT_VERSION (one place): 3.
     Split-KV: with C = num_seqs x row chunks CTAs and S SMs, no split when C >= S; else about S / C splits
-    (v2: (resident CTAs per SM x S) / C; at least 256 positions each, multiples of the tile); partials in
-    float32 (v1) / float16 (v2, each normalised by its own sum) + base-2 log-sum-exp, merged by
+    (v2, v3: (resident CTAs per SM x S) / C; at least 256 positions each, multiples of the tile); partials
+    in float32 (v1) / float16 (v2, v3: each normalised by its own sum) + base-2 log-sum-exp, merged by
     mla_decode_combine / mla_decode_combine_h.
 Other dtypes / dims on the GPU run the same maths as the reference in float32 with CuPy (gather + matmul): a
 correct, slower path for small models and tests.
@@ -58,8 +71,10 @@ from rawformer.ops._checks import adopt_optional, check_version, finish
 __all__ = ["mla_decode", "mla_decode_ref", "kernel_plan"]
 
 _FAMILY = "mla_decode"
-VERSIONS = (1, 2)
-DEFAULT_VERSION = 2
+VERSIONS = (1, 2, 3)
+# The one place that picks the default kernel: v3, which on the H100 (bench/results/h100/mla_sweep.md, 32 x
+# 2048 context) took 16 heads from 0.048 ms (v2) to 0.045 and 128 heads from 0.135 ms to 0.110.
+DEFAULT_VERSION = 3
 LOG2E = 1.4426950408889634
 _KERNEL_DIMS = ((512, 64),)  # (R, Dr) the kernel is compiled for
 # (MT m-tiles of 16 rows, warps, tokens per tile): the two configurations of the header comment
@@ -70,6 +85,24 @@ _STAGES = 2  # v1
 V2_SMALL = (1, 2, 32, 2)
 V2_LARGE = (2, 4, 32, 2)
 V2_CONFIGS = (V2_SMALL, V2_LARGE, (1, 4, 64, 2), (1, 2, 32, 4), (4, 8, 32, 2), (4, 8, 32, 3))
+# v3 (MT m16 tiles per CTA, WM m16 tiles per warp, CG column groups, tokens per tile, stages): the defaults
+# for <= 16, <= 32 and more rows first, then the other candidates bench/mla.py --variants all measures
+V3_SMALL = (1, 1, 4, 64, 2)
+V3_MID = (2, 1, 2, 32, 2)
+V3_LARGE = (4, 2, 4, 64, 2)
+V3_CONFIGS = (
+    V3_SMALL,
+    V3_MID,
+    V3_LARGE,
+    (1, 1, 2, 32, 2),
+    (1, 1, 2, 32, 4),
+    (4, 1, 2, 32, 3),
+    (2, 2, 4, 64, 2),
+)
+TILE_CONFIGS = {2: V2_CONFIGS, 3: V3_CONFIGS}
+# v3's choice by rows (up to 16, up to 32, more): the first config whose shared memory fits the GPU's limit
+# (an A100 allows 163 KB: the 167 / 226 KB H100 configs fall back to 94 / 113 KB ones)
+_V3_BY_ROWS = ((16, (V3_SMALL, (1, 1, 2, 32, 2))), (32, (V3_MID,)), (1 << 30, (V3_LARGE, V3_MID)))
 _MIN_SPLIT_TOKENS = 256
 _MAX_SPLITS = 256
 _COMBINE_THREADS = 128
@@ -134,9 +167,8 @@ def mla_decode_ref(
 # ---- kernel plan ------------------------------------------------------------------------------------------
 
 
-def _expr(version: int, r: int, dr: int, config: tuple[int, int, int, int]) -> str:
-    mt, warps, tk, stages = config
-    return f"mla_decode_v{version}<{r}, {dr}, {mt}, {warps}, {tk}, {stages}>"
+def _expr(version: int, r: int, dr: int, config: tuple[int, ...]) -> str:
+    return f"mla_decode_v{version}<{r}, {dr}, {', '.join(str(n) for n in config)}>"
 
 
 def _smem(r: int, dr: int, config: tuple[int, int, int, int]) -> int:
@@ -150,20 +182,42 @@ def _smem(r: int, dr: int, config: tuple[int, int, int, int]) -> int:
     return halves * 2 + floats * 4
 
 
-def _config(version: int, rows: int, tile_config: tuple[int, int, int, int] | None) -> tuple[int, ...]:
+def _smem_v3(r: int, dr: int, config: tuple[int, ...]) -> int:
+    """Dynamic shared memory of mla_decode_v3 (MlaV3Shape::SMEM): Q [16 MT][R + Dr] and STAGES x K
+    [TK][R + Dr] unpadded (swizzled), P [16 MT][TK + 8] halves, the group exchange [CG][16 MT] floats."""
+    mt, _, cg, tk, stages = config
+    rows, kd = 16 * mt, r + dr
+    return 2 * (rows * kd + stages * tk * kd + rows * (tk + 8)) + 4 * cg * rows
+
+
+def _config(
+    version: int, rows: int, tile_config: tuple[int, ...] | None, r: int, dr: int, smem_limit: int | None
+) -> tuple[int, ...]:
     if version == 1:
         return (*(_LARGE if rows >= 64 else _SMALL), _STAGES)
     if tile_config is not None:
         return tuple(tile_config)
+    if version == 3:
+        candidates = next(c for most, c in _V3_BY_ROWS if rows <= most)
+        fits = [c for c in candidates if smem_limit is None or _smem_v3(r, dr, c) <= smem_limit]
+        return fits[0] if fits else candidates[-1]
     return V2_LARGE if rows > 16 else V2_SMALL
 
 
 def kernel_plan(
-    rows: int, r: int = 512, dr: int = 64, version: int = DEFAULT_VERSION, tile_config: Any = None
+    rows: int,
+    r: int = 512,
+    dr: int = 64,
+    version: int = DEFAULT_VERSION,
+    tile_config: Any = None,
+    smem_limit: int | None = None,
 ) -> tuple[str, int, int, int, int]:
     """(name expression, threads, rows per CTA, tokens per tile, shared bytes) for `rows` = q_len x heads
-    query rows."""
-    config = _config(version, rows, tile_config)
+    query rows; `smem_limit` (the GPU's shared bytes per block) steers v3's default choice."""
+    config = _config(version, rows, tile_config, r, dr, smem_limit)
+    if version == 3:
+        mt, wm, cg, tk, _ = config
+        return _expr(3, r, dr, config), 32 * (mt // wm) * cg, 16 * mt, tk, _smem_v3(r, dr, config)
     return _expr(version, r, dr, config), 32 * config[1], 16 * config[0], config[2], _smem(r, dr, config)
 
 
@@ -171,8 +225,9 @@ def _instantiations() -> list[str]:
     v1 = [(*c, _STAGES) for c in (_SMALL, _LARGE)]
     exprs = [_expr(1, r, dr, c) for r, dr in _KERNEL_DIMS for c in v1]
     exprs += [_expr(2, r, dr, c) for r, dr in _KERNEL_DIMS for c in V2_CONFIGS]
+    exprs += [_expr(3, r, dr, c) for r, dr in _KERNEL_DIMS for c in V3_CONFIGS]
     exprs += [f"mla_decode_combine<{r}, {_COMBINE_THREADS}>" for r, _ in _KERNEL_DIMS]  # v1: fp32 partials
-    exprs += [f"mla_decode_combine_h<{r}, {_COMBINE_THREADS}>" for r, _ in _KERNEL_DIMS]  # v2: fp16
+    exprs += [f"mla_decode_combine_h<{r}, {_COMBINE_THREADS}>" for r, _ in _KERNEL_DIMS]  # v2, v3: fp16
     return exprs
 
 
@@ -241,7 +296,7 @@ def mla_decode(
     out: Any = None,
     impl: str | None = None,
     version: int | None = None,
-    tile_config: tuple[int, int, int, int] | None = None,
+    tile_config: tuple[int, ...] | None = None,
 ) -> Any:
     """MLA decode attention of a few new tokens per sequence over the paged latent cache.
 
@@ -262,8 +317,9 @@ def mla_decode(
         passes False on its hot path, the pool having built the tables)
     out : optional array (num_seqs, q_len, heads, R) of q_absorbed's dtype and device
     impl : None / "cuda" for GPU arrays
-    version : CUDA kernel version (1 or 2; None: DEFAULT_VERSION)
-    tile_config : version 2 only, for benchmarks: one of V2_CONFIGS (MT, warps, tokens per tile, stages)
+    version : CUDA kernel version (1, 2 or 3; None: DEFAULT_VERSION)
+    tile_config : versions 2 and 3, for benchmarks and tests: one of V2_CONFIGS (MT, warps, tokens per tile,
+        stages) / V3_CONFIGS (MT, WM, CG, tokens per tile, stages)
 
     Returns
     -------
@@ -308,12 +364,15 @@ def mla_decode(
     which = _checks.check_impl(impl, qa)
     if which == "numba":
         raise ValueError("mla_decode: there is no Numba version; use impl='cuda'")
-    check_version(version, VERSIONS, which)
     if tile_config is not None:
-        if version != 2:
-            raise ValueError(f"mla_decode: tile_config is for version=2, got version={version}")
-        if tuple(tile_config) not in V2_CONFIGS:
-            raise ValueError(f"mla_decode: tile_config must be one of {V2_CONFIGS}, got {tile_config!r}")
+        if version not in TILE_CONFIGS:
+            raise ValueError(f"mla_decode: tile_config is for version=2 or 3, got version={version}")
+        if tuple(tile_config) not in TILE_CONFIGS[version]:
+            raise ValueError(
+                f"mla_decode: tile_config for version {version} must be one of {TILE_CONFIGS[version]}, "
+                f"got {tile_config!r}"
+            )
+    check_version(version, VERSIONS, which)
     if which == "numpy" or check:
         _check_ranges(
             np.asarray(backend.to_numpy(tables)).astype(np.int64),
@@ -352,14 +411,21 @@ def mla_decode(
         qr = cp.ascontiguousarray(qr)
     rows = q_len * heads
     ver = DEFAULT_VERSION if version is None else int(version)
-    expr, threads, rows_per_cta, tile, smem = kernel_plan(rows, r, dr, ver, tile_config)
+    limits = limits_of(cp.cuda.Device().id)
+    expr, threads, rows_per_cta, tile, smem = kernel_plan(
+        rows, r, dr, ver, tile_config, limits.smem_per_block_optin
+    )
+    if smem > limits.smem_per_block_optin:
+        raise ValueError(
+            f"mla_decode: {expr} needs {smem} bytes of shared memory per block; this GPU allows "
+            f"{limits.smem_per_block_optin} (pick another tile_config)"
+        )
     kernel = get_function(_FAMILY, expr)
     chunks = -(-rows // rows_per_cta)
     max_tokens = width * block_size
     wanted = num_splits
     if wanted is None:
-        limits = limits_of(cp.cuda.Device().id)
-        # v1 keeps the rule it was measured with (one CTA per SM); v2 fills its resident slots
+        # v1 keeps the rule it was measured with (one CTA per SM); v2 and v3 fill their resident slots
         per_sm = 1 if ver == 1 else resident_blocks(kernel, threads, smem, limits)
         wanted = choose_num_splits(num_seqs * chunks, max_tokens, limits.sms, per_sm)
     wanted = min(int(wanted), _MAX_SPLITS)
@@ -369,7 +435,7 @@ def mla_decode(
     result = cp.empty((num_seqs, q_len, heads, r), dtype=np.float16)
     part_out = part_lse = None
     if splits > 1:
-        # v2 writes fp16 partials (each already normalised by its own sum): half of v1's fp32 bytes
+        # v2 and v3 write fp16 partials (each already normalised by its own sum): half of v1's fp32 bytes
         part_dtype = np.float32 if ver == 1 else np.float16
         part_out = cp.empty((num_seqs, q_len, heads, splits, r), dtype=part_dtype)
         part_lse = cp.empty((num_seqs, q_len, heads, splits), dtype=np.float32)
@@ -388,7 +454,7 @@ def mla_decode(
             np.float32(sc * LOG2E),
         ),
         shared_mem=smem,
-        pdl=ver >= 2,  # v2 calls rf::pdl_wait before its first read
+        pdl=ver >= 2,  # v2 and v3 call rf::pdl_wait before their first read
     )  # fmt: skip
     if splits > 1:
         launch(

@@ -19,9 +19,9 @@ reference (`int8_linear_ref`); CuPy inputs (float16 / float32) the kernels of cu
                  accumulation. Two launches (M <= 16) read fewer bytes than the GEMM path's 5 per weight.
                  Versions (int8_gemv.cu's header): v1 one row and one 16-byte load per lane in flight, v2 two
                  rows x 4 loads, v3 one row x 8 loads (a whole row of K <= 4096 at once); the default
-                 (`default_gemv_version`) is v3, v1 for K > 4096 with N >= V1_MIN_ROWS. Launched with
-                 programmatic dependent launch (rawformer.kernels.pdl): weight loads start before the
-                 previous kernel ends, x is read after it.
+                 (`default_gemv_version`) is v3, v1 for K > 4096 with N >= V1_MIN_ROWS, v2 for DUAL and for
+                 N >= V2_MIN_ROWS. Launched with programmatic dependent launch (rawformer.kernels.pdl):
+                 weight loads start before the previous kernel ends, x is read after it.
     path "gemm"  (M > GEMV_PATH_MAX_ROWS: prefill, large batches): int8_dequant writes W~^T as x's dtype into
                  a temporary (N, Kp) buffer (CuPy's pool hands the same memory back every call), then cuBLAS
                  (rawformer.kernels.gemm.matmul, capturable in CUDA graphs) reads it transposed in place.
@@ -75,10 +75,15 @@ GEMV_VERSIONS = (1, 2, 3)
 # see the header of int8_gemv.cu
 _GEMV_CONFIGS = {1: (1, 1, 4), 2: (2, 4, 8), 3: (1, 8, 8)}
 GEMV_TOKENS = (1, 2, 4, 8)  # compiled token counts M; a launch of m rows uses the smallest M >= m
+NORM_MAX_TOKENS = 1  # int8_gemv_norm (rf.int8_add_rms_norm_linear) is compiled for batch-1 decode steps
 # default version (`default_gemv_version`): v3 (a whole row of K <= 4096 in flight per warp, 8 loads per
 # lane) everywhere but large matrices (K > 4096 and N >= V1_MIN_ROWS), where v1's 64 resident warps per SM
-# measured best (H100: 95% of the copy ceiling at 8192x28672 and 28672x8192)
+# measured best (H100: 95% of the copy ceiling at 8192x28672 and 28672x8192), and v2 (two rows per warp,
+# 4 chunks each) for the DUAL gate/up kernel and for K <= 4096 with N >= V2_MIN_ROWS: in the 1B decoder's
+# CUDA graph (22 of each back to back) the fused-norm gate/up pair took 8.9 us with v2 vs 11.2 with v3, and
+# the 2048 x 32000 lm head 24.6 vs 27.0 (v3 stays best for the qkv, o and down projections)
 V1_MIN_ROWS = 8192
+V2_MIN_ROWS = 16384
 _DEQUANT_THREADS = 256  # int8_dequant's launch bounds
 _NULL = np.uintp(0)  # a null device pointer
 _QUANT_CHUNK_ELEMENTS = 1 << 26  # quantize this many weights at a time (bounds the float32 temporaries)
@@ -282,16 +287,22 @@ def gemv_tokens(rows: int) -> int:
     return next(t for t in GEMV_TOKENS if t >= rows)
 
 
-def default_gemv_version(kp: int, n: int) -> int:
-    """The GEMV version for a padded K and N (see V1_MIN_ROWS)."""
-    return 1 if kp > 4096 and n >= V1_MIN_ROWS else 3
+def default_gemv_version(kp: int, n: int, dual: bool = False) -> int:
+    """The GEMV version for a padded K and N, plain or DUAL (see V1_MIN_ROWS, V2_MIN_ROWS)."""
+    if kp > 4096 and n >= V1_MIN_ROWS:
+        return 1
+    return 2 if dual or n >= V2_MIN_ROWS else 3
 
 
-def gemv_expression(dtype: Any, tokens: int, group_size: int | None, version: int, dual: bool = False) -> str:
-    """The kernel for a launch of `tokens` rows of x (1..8; compiled for gemv_tokens(tokens))."""
+def gemv_expression(
+    dtype: Any, tokens: int, group_size: int | None, version: int, dual: bool = False, norm: bool = False
+) -> str:
+    """The kernel for a launch of `tokens` rows of x (1..8; compiled for gemv_tokens(tokens)); norm: its
+    int8_gemv_norm twin (compiled for NORM_MAX_TOKENS rows)."""
     r, u, w = _GEMV_CONFIGS[version]
     m = gemv_tokens(tokens)
-    return f"int8_gemv<{cuda_type(dtype)}, {m}, {_group_arg(group_size)}, {r}, {u}, {w}, {cpp_bool(dual)}>"
+    name = "int8_gemv_norm" if norm else "int8_gemv"
+    return f"{name}<{cuda_type(dtype)}, {m}, {_group_arg(group_size)}, {r}, {u}, {w}, {cpp_bool(dual)}>"
 
 
 def dequant_expression(dtype: Any, group_size: int | None) -> str:
@@ -307,6 +318,9 @@ def _instantiations() -> list[str]:
                 for version in GEMV_VERSIONS:
                     exprs.append(gemv_expression(dtype, tokens, group, version))
                     exprs.append(gemv_expression(dtype, tokens, group, version, dual=True))
+                    if tokens <= NORM_MAX_TOKENS:
+                        exprs.append(gemv_expression(dtype, tokens, group, version, norm=True))
+                        exprs.append(gemv_expression(dtype, tokens, group, version, dual=True, norm=True))
     return exprs
 
 
@@ -344,20 +358,26 @@ def _gemv_cupy(
     version: int | None,
     up: QuantizedWeight | None = None,
     bias2: Any = None,
+    norm: tuple[Any, ...] | None = None,
 ) -> Any:
     """x2 (M, K) contiguous CuPy -> (M, N), 8 rows of x per launch; with `up`: silu(x2 W~ + b) * (x2 U~ + b2)
-    (the DUAL kernel). version None: default_gemv_version."""
+    (the DUAL kernel). version None: default_gemv_version. With `norm` = (a2, ln_w, s_out, eps): the
+    int8_gemv_norm kernel, whose input is rms_norm(x2 + a2) * ln_w computed in its prologue (one launch of
+    at most NORM_MAX_TOKENS rows; the caller, ops/int8_norm_linear.py, checked K == Kp and alignment)."""
     cp = backend.require_cupy()
     m, k = x2.shape
     n, kp = qw.q.shape
     y = cp.empty((m, n), dtype=x2.dtype)
     if m == 0 or n == 0:
         return y
+    if norm is not None:
+        _gemv_norm_launch(x2, qw, bias, version, up, bias2, norm, y)
+        return y
     if k != kp or x2.data.ptr % 16:  # rows of whole 16-byte chunks, zero beyond K (0 * garbage could be NaN)
         xp_ = cp.zeros((m, kp), dtype=x2.dtype)
         xp_[:, :k] = x2
         x2 = xp_
-    version = version or default_gemv_version(kp, n)
+    version = version or default_gemv_version(kp, n, up is not None)
     r, _, warps = _GEMV_CONFIGS[version]
     grid = (-(-n // (warps * r)),)
     chunks, ngroups = kp // CHUNK, _ngroups(qw)
@@ -373,9 +393,33 @@ def _gemv_cupy(
             (x2[i : i + rows], qw.q, qw.scales, b, *second, y[i : i + rows], i32(rows), i32(n), i32(chunks),
              i32(kp), i32(kp), i32(ngroups), i32(n)),
             bytes_moved=moved + rows * (kp + n) * x2.itemsize,
-            # plain launch (see int8_dequant's launch above)
+            pdl=True,  # x is loaded after rf::pdl_wait with ordinary loads (cuda_src/int8_gemv.cu load_x)
         )  # fmt: skip
     return y
+
+
+def _gemv_norm_launch(
+    x2: Any, qw: QuantizedWeight, bias: Any, version: int | None, up: QuantizedWeight | None, bias2: Any,
+    norm: tuple[Any, ...], y: Any,
+) -> None:  # fmt: skip
+    a2, ln_w, s_out, eps = norm
+    m, kp = x2.shape
+    n = qw.q.shape[0]
+    version = version or default_gemv_version(kp, n, up is not None)
+    r, _, warps = _GEMV_CONFIGS[version]
+    dual = up is not None
+    second = (up.q, up.scales, _NULL if bias2 is None else bias2) if dual else (_NULL, _NULL, _NULL)
+    kernel = get_function(_FAMILY, gemv_expression(x2.dtype, m, qw.group_size, version, dual, norm=True))
+    launch(
+        kernel, (-(-n // (warps * r)),), (32 * warps,),
+        (x2, qw.q, qw.scales, _NULL if bias is None else bias, *second, y, i32(m), i32(n), i32(kp // CHUNK),
+         i32(kp), i32(kp), i32(_ngroups(qw)), i32(n),
+         _NULL if a2 is None else a2, i32(kp), _NULL if ln_w is None else ln_w,
+         _NULL if s_out is None else s_out, i32(kp), np.float32(eps)),
+        shared_mem=m * kp * x2.itemsize,  # h staged in shared memory
+        bytes_moved=qw.nbytes * (2 if dual else 1) + m * (kp + n) * x2.itemsize,
+        pdl=True,
+    )  # fmt: skip
 
 
 def _gemm_cupy(x2: Any, qw: QuantizedWeight, bias: Any) -> Any:

@@ -61,7 +61,9 @@ class Engine:
     max_queue : most requests waiting to start (QueueFull beyond)
     adaptive : "fixed" | "latency" | "throughput" (rawformer.runtime.adaptive)
     target_ms : the controller's step-latency target (latency) or ceiling (throughput)
-    preemption, swap_space_bytes, use_graphs, split_prefill, admit_batch : see Scheduler
+    preemption, swap_space_bytes, use_graphs, split_prefill, admit_batch, overlap_host, graph_backend :
+        see Scheduler (overlap_host: greedy decode steps launched before the previous step's tokens are
+        read; streamed outputs then come one step after the device computed them)
     name : the model's name (the server's /v1/models)
     """
 
@@ -83,6 +85,8 @@ class Engine:
         use_graphs: bool | None = None,
         split_prefill: bool | None = None,
         admit_batch: int | None = None,
+        overlap_host: bool | None = None,
+        graph_backend: Any = None,
         name: str = "rawformer",
     ) -> None:
         if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0:
@@ -105,6 +109,7 @@ class Engine:
             model, pool, tokenizer, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
             controller=controller, preemption=preemption, swap_space_bytes=swap_space_bytes,
             use_graphs=use_graphs, split_prefill=split_prefill, admit_batch=admit_batch,
+            overlap_host=overlap_host, graph_backend=graph_backend,
         )  # fmt: skip
         self.model = model
         self.tokenizer = tokenizer
@@ -378,4 +383,5 @@ class Engine:
             else:
                 out[k] = v
         out["adaptive"] = self.controller.state()
+        out["steps"] = self.scheduler.step_breakdown()
         return out

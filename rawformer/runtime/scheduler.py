@@ -30,6 +30,26 @@ admission order) and `preempted` (taken off the GPU, ordered by arrival). Every 
    the same seed), checks its stops and streams a RequestOutput to its callback; finished requests free
    their blocks at once.
 
+Overlapped decode (`overlap_host`, the default wherever decode steps are padded to graph buckets): a step
+that is pure decode (every running request has its prompt computed, all greedy without repetition penalty,
+the blocks for their appends free, nothing to admit or resume) is prepared and launched BEFORE the previous
+step's tokens reach the host. Its new tokens enter the pool as UNKNOWN_TOKEN and are copied on the device
+from the previous step's argmax (the greedy graph's output) into batch.tokens; then the previous step's
+tokens are read (pinned buffer + event) while this one runs, accepted, stop-checked and streamed. So the
+host's work (scheduling, prepare, launch, stops, callbacks) leaves the device's critical path. Which
+requests run the step is decided before the previous tokens are known: max_new_tokens and the longest
+sequence depend only on counts (a request that reaches them is not launched again); a stop token or string
+shows one step late: the request is finished when its tokens are read, its blocks freed, and the token the
+launched step computes for it is discarded. Any other step (admission, prefill chunks, preemption,
+resumption, sampled requests, a batch outside the buckets) first resolves the step in flight and then runs
+synchronously as described above; abort() of a request in flight finishes it at once (its in-flight token is
+discarded). Outputs therefore reach callbacks one step after the device computed them; each token exactly
+once, in order.
+
+Per step, `last_step` (summed in `kind_totals`, `step_breakdown()`) records its kind (overlapped | graph |
+eager | mixed | idle), the host time up to the launch, the time blocked on the device and the time spent on
+the tokens afterwards, and for a step that did not overlap, why.
+
 A request finishes on a stop token ("stop_token"; the token is in token_ids, not in the text), a stop string
 in its text ("stop_string"; text cut before it), max_new_tokens ("length"), the longest sequence the pool and
 model hold ("max_len"), abort() ("abort": its blocks are freed at once, wherever it is) or an exception in
@@ -55,15 +75,21 @@ import numpy as np
 
 from rawformer import backend
 from rawformer.memory import KVPool, OutOfBlocks, SequenceTooLong
+from rawformer.memory.pool import UNKNOWN_TOKEN
 from rawformer.runtime.adaptive import AdaptiveBatcher
 from rawformer.runtime.cuda_graphs import DEFAULT_BUCKETS, DecodeGraphs, GraphCaptureError, bucket_for
 from rawformer.runtime.generate import _model_limit, _split_stop
 from rawformer.runtime.sampler import SamplingParams, sample_tokens
 
-__all__ = ["FINISH_REASONS", "Request", "RequestOutput", "Scheduler", "StepStats"]
+__all__ = ["FINISH_REASONS", "STEP_KINDS", "Request", "RequestOutput", "Scheduler", "StepStats"]
 
 FINISH_REASONS = ("stop_token", "stop_string", "length", "max_len", "abort", "error")
 PREEMPTION_MODES = ("swap", "recompute", "auto")
+# overlapped: pure decode launched before the previous step's tokens were read; graph: a synchronous pure
+# decode step replayed as a CUDA graph; eager: a synchronous pure decode step run op by op; mixed: a step
+# with prefill tokens (its decode part may be a graph replay); idle: nothing ran (the in-flight step's
+# tokens were read, or nothing could be scheduled)
+STEP_KINDS = ("overlapped", "graph", "eager", "mixed", "idle")
 
 
 @dataclass
@@ -139,10 +165,28 @@ class StepStats:
     resumed: int = 0
     preempted: int = 0
     saturated: bool = False
+    kind: str = "idle"  # one of STEP_KINDS
+    graph: bool = False  # its decode forward was a CUDA graph replay
+    host_s: float = 0.0  # from the step's start until its forward(s) were launched (scheduling, prepare)
+    wait_s: float = 0.0  # blocked on the device: until the tokens read this step were on the host
+    post_s: float = 0.0  # after that: accepting tokens, stops, detokenizing, callbacks, freeing
+    sync_reason: str | None = None  # why a decode step did not overlap (None: it did, or overlap is off)
 
     @property
     def tokens(self) -> int:
         return self.decode_seqs + self.prefill_tokens
+
+
+@dataclass
+class _InFlight:
+    """A launched pure-decode step whose tokens have not been read: the requests in row order, the device
+    token ids (the greedy graph's output, bucket rows), their host copy and the event after that copy."""
+
+    reqs: list[Request]
+    ids: Any
+    host: np.ndarray
+    event: Any
+    rows: dict[int, int]  # id(request) -> its row
 
 
 def _hold_back(text: str, stops: tuple[str, ...]) -> int:
@@ -196,6 +240,8 @@ class Scheduler:
     admit_batch : while requests wait, admit them only when this many batch slots are free (or all that
         wait fit), so one prefill forward serves several prompts (default: max_num_seqs // 8 on the GPU,
         where a forward's launch overhead is worth amortising; 1 on the CPU)
+    overlap_host : overlapped greedy decode steps (module docstring; default: wherever decode steps are
+        padded to buckets, i.e. on the GPU); False: every step reads its tokens before the next is prepared
     """
 
     def __init__(
@@ -215,6 +261,7 @@ class Scheduler:
         graph_buckets: Sequence[int] = DEFAULT_BUCKETS,
         graph_backend: Any = None,
         admit_batch: int | None = None,
+        overlap_host: bool | None = None,
     ) -> None:
         for attr in ("forward", "num_layers", "num_kv_heads", "head_dim", "vocab_size", "dtype", "xp"):
             if not hasattr(model, attr):
@@ -268,6 +315,10 @@ class Scheduler:
         if isinstance(admit_batch, bool) or not isinstance(admit_batch, int) or admit_batch < 1:
             raise ValueError(f"Scheduler: admit_batch must be a positive int, got {admit_batch!r}")
         self.admit_batch = admit_batch
+        self.overlap_host = self.pad if overlap_host is None else bool(overlap_host)
+        self._inflight: _InFlight | None = None
+        self._host_bufs: dict[int, np.ndarray] = {}  # two pinned id buffers, alternating (GPU)
+        self._launches = 0
         self.stream = self.xp.cuda.Stream(non_blocking=True) if self.is_gpu else None
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -278,6 +329,8 @@ class Scheduler:
             steps=0, forwards=0, preempted_swap=0, preempted_recompute=0, resumed=0, admitted=0,
             prompt_tokens_computed=0, generated_tokens=0, finished=0, aborted=0, errors=0,
         )  # fmt: skip
+        self.kind_totals: dict[str, dict[str, float]] = {}
+        self.sync_reasons: dict[str, int] = {}
 
     # ---- requests --------------------------------------------------------------------------------------
 
@@ -344,6 +397,7 @@ class Scheduler:
             self.preempted.remove(req)
         self.totals["aborted"] += 1
         self._finish(req, reason, [], error)
+        self._settle()
         return True
 
     @property
@@ -518,29 +572,46 @@ class Scheduler:
         context length from the device, so a wide table costs only its upload."""
         return math.ceil(self.max_len / self.pool.block_size)
 
-    def _decode_forward(self, reqs: list[Request]) -> Any:
+    @staticmethod
+    def _greedy(reqs: list[Request]) -> bool:
+        """Whether every request picks the argmax (no temperature, no repetition penalty)."""
+        return all(r.params.greedy and r.params.repetition_penalty == 1 for r in reqs)
+
+    def _run_decode(self, batch: Any, n: int, greedy: bool, padded: bool) -> tuple[Any, bool]:
+        """The first n rows of a decode step's logits, or with `greedy` their argmax (token ids, computed
+        inside the graph where one runs); and whether a CUDA graph ran."""
+        if padded:
+            if self.graphs is not None and self.graphs.stats.error is None:
+                try:
+                    return self.graphs.run(batch, greedy=greedy)[:n], True
+                except GraphCaptureError:
+                    pass  # stats.error says why; eager from now on
+            out = self._eager(batch)[:n]
+        else:
+            out = self.model.forward(batch, self.arena, last_only=True)
+        return (out.argmax(axis=1) if greedy else out), False
+
+    def _decode_forward(self, reqs: list[Request], greedy: bool) -> tuple[Any, bool]:
+        """A synchronous decode forward (each request appends its last sampled token)."""
         n = len(reqs)
         ids = [r.seq_id for r in reqs]
         toks = [[r.output[-1]] for r in reqs]
         bucket = bucket_for(n, self.buckets) if self.pad else None
         if bucket is None:
-            return self.model.forward(self.pool.prepare(ids, toks), self.arena, last_only=True)
-        width = self._width()
-        batch = self.pool.prepare(ids, toks, pad_to=bucket, block_table_width=width)
-        if self.graphs is not None and self.graphs.stats.error is None:
-            try:
-                return self.graphs.run(batch)[:n]
-            except GraphCaptureError:
-                pass  # stats.error says why; eager from now on
-        return self._eager(batch)[:n]
+            return self._run_decode(self.pool.prepare(ids, toks), n, greedy, False)
+        batch = self.pool.prepare(ids, toks, pad_to=bucket, block_table_width=self._width())
+        return self._run_decode(batch, n, greedy, True)
 
     def _forward(
-        self, decode: list[Request], prefill: list[Request], chunk: int
-    ) -> list[tuple[list[Request], Any]]:
-        """Run the step's forward(s); (requests, logits rows) pairs."""
+        self, decode: list[Request], prefill: list[Request], chunk: int, stats: StepStats
+    ) -> list[tuple[list[Request], Any, bool]]:
+        """Run the step's forward(s); (requests, logits rows or token ids, whether token ids) triples."""
         out = []
         if decode and (self.split_prefill or not prefill):
-            out.append((decode, self._decode_forward(decode)))
+            greedy = self._greedy(decode)
+            res, stats.graph = self._decode_forward(decode, greedy)
+            out.append((decode, res, greedy))
+            stats.kind = "graph" if stats.graph else "eager"
             decode = []
         if decode or prefill:
             reqs = decode + prefill
@@ -548,8 +619,188 @@ class Scheduler:
                 [r.seq_id for r in reqs], [[r.output[-1]] for r in decode] + [None] * len(prefill),
                 max_prompt_tokens=chunk if prefill else None,
             )  # fmt: skip
-            out.append((reqs, self.model.forward(batch, self.arena, last_only=True)))
+            out.append((reqs, self.model.forward(batch, self.arena, last_only=True), False))
+            stats.kind = "mixed" if prefill else "eager"
         return out
+
+    # ---- overlapped decode -----------------------------------------------------------------------------
+
+    def _runs_again(self, req: Request) -> bool:
+        """Whether a request with a token in flight decodes another step, from counts alone: once that token
+        is read it stays below max_new_tokens and the longest sequence (the count checks of `_accept`)."""
+        n_tok = len(req.output) + 1
+        return n_tok < req.max_new_tokens and len(req.prompt) + n_tok <= self.max_len
+
+    def _would_admit(self, occupied: int, need: int, max_seqs: int, budget: int) -> bool:
+        """Whether the synchronous path would admit the first waiting request now (its admission rules, with
+        `occupied` batch slots and `need` blocks for the decode appends)."""
+        free_slots = max_seqs - occupied
+        if free_slots <= 0 or budget - occupied <= 0:
+            return False
+        if occupied and free_slots < min(self.admit_batch, len(self.waiting)):
+            return False
+        blocks = math.ceil(len(self.waiting[0].prompt) / self.pool.block_size)
+        return blocks + need + self.watermark_blocks <= self.pool.num_free_blocks
+
+    def _no_overlap(self, stats: StepStats, reason: str) -> bool:
+        stats.sync_reason = reason
+        return False
+
+    def _ids_to_host(self, ids: Any, n: int) -> tuple[np.ndarray, Any]:
+        """Start copying n token ids to the host: (host array, event after the copy; None on the CPU). Two
+        pinned buffers alternate: one is read for the step in flight while the next step's copy fills the
+        other."""
+        if not self.is_gpu:
+            return np.array(ids[:n]), None
+        slot = self._launches % 2
+        self._launches += 1
+        buf = self._host_bufs.get(slot)
+        if buf is None or buf.shape[0] < n or buf.dtype != ids.dtype:
+            size = max(n, self.max_num_seqs)
+            mem = self.xp.cuda.alloc_pinned_memory(size * np.dtype(ids.dtype).itemsize)
+            buf = self._host_bufs[slot] = np.ndarray((size,), dtype=ids.dtype, buffer=mem)
+        host = buf[:n]
+        ids[:n].get(out=host, blocking=False)  # pinned: asynchronous, in stream order
+        event = self.xp.cuda.Event(block=False, disable_timing=True)
+        event.record()
+        return host, event
+
+    def _overlapped_step(self, stats: StepStats, outputs: list[RequestOutput], t0: float) -> bool:
+        """Launch a pure decode step, then read the tokens of the step in flight (module docstring). False,
+        with nothing done, when this step has to run synchronously (stats.sync_reason says why)."""
+        if not self.overlap_host or not self.running:
+            return False
+        inf = self._inflight
+        prev = inf.rows if inf is not None else {}
+        fed: list[Request] = []  # their new token is the in-flight step's output, still on the device
+        known: list[Request] = []  # their new token is output[-1] (read by a synchronous step)
+        finishing = 0
+        for r in self.running:
+            p = r.params
+            if not p.greedy or p.repetition_penalty != 1:
+                return self._no_overlap(stats, "sampling")  # sampling reads the logits on the host
+            if id(r) in prev:
+                if self._runs_again(r):
+                    fed.append(r)
+                else:
+                    finishing += 1
+            elif self._pending(r):
+                return self._no_overlap(stats, "prefill")
+            else:
+                known.append(r)
+        if self.preempted:
+            return self._no_overlap(stats, "resume")
+        fed.sort(key=lambda r: prev[id(r)])  # rows unchanged where nobody dropped out: a plain copy
+        launch = fed + known
+        if not launch:
+            return self._no_overlap(stats, "drain")
+        max_seqs = min(self.max_num_seqs, self.controller.max_seqs)
+        budget = min(self.max_num_batched_tokens, self.controller.token_budget)
+        if len(launch) > max_seqs:
+            return self._no_overlap(stats, "max_seqs")
+        bucket = bucket_for(len(launch), self.buckets) if self.pad else None
+        if self.pad and bucket is None:
+            return self._no_overlap(stats, "bucket")
+        pool = self.pool
+        need = self._blocks_for_decode(launch)
+        if need > pool.num_free_blocks:
+            return self._no_overlap(stats, "blocks")  # preemption: the synchronous path decides
+        if self.waiting and self._would_admit(len(self.running) - finishing, need, max_seqs, budget):
+            return self._no_overlap(stats, "admit")
+        n, k = len(launch), len(fed)
+        stats.kind = "overlapped"
+        stats.decode_seqs = n
+        stats.saturated = bool(self.waiting or self.preempted)
+        try:
+            batch = pool.prepare(
+                [r.seq_id for r in launch], [[UNKNOWN_TOKEN]] * k + [[r.output[-1]] for r in known],
+                pad_to=bucket, block_table_width=self._width() if bucket is not None else None,
+                unknown_tokens=True,
+            )  # fmt: skip
+            if k:  # the in-flight step's argmax -> this step's input ids, on the device, in stream order
+                src = [prev[id(r)] for r in fed]
+                if src[-1] == k - 1:  # sorted and distinct: rows 0..k-1 unchanged
+                    batch.tokens[:k] = inf.ids[:k]
+                else:
+                    batch.tokens[:k] = inf.ids[self.xp.asarray(np.array(src))]
+            ids, stats.graph = self._run_decode(batch, n, True, bucket is not None)
+            host, event = self._ids_to_host(ids, n)
+        except Exception as exc:  # the in-flight tokens are good: read them, then fail this step's requests
+            stats.host_s = time.perf_counter() - t0
+            self._resolve(stats, outputs)
+            self._fail(launch, exc, outputs)
+            return True
+        stats.host_s = time.perf_counter() - t0
+        stats.forwards = 1
+        self.totals["forwards"] += 1
+        # the new step is in flight before the old one's tokens are read (whatever their callbacks do)
+        self._inflight = _InFlight(launch, ids, host, event, {id(r): i for i, r in enumerate(launch)})
+        if inf is not None:
+            self._read(inf, stats, outputs)  # while the device runs the step just launched
+        return True
+
+    def _resolve(self, stats: StepStats, outputs: list[RequestOutput]) -> None:
+        """Read and accept the tokens of the step in flight, if any (nothing is in flight afterwards)."""
+        inf, self._inflight = self._inflight, None
+        if inf is not None:
+            self._read(inf, stats, outputs)
+
+    def _read(self, inf: _InFlight, stats: StepStats, outputs: list[RequestOutput]) -> None:
+        """Read the tokens of a launched step and accept them: stops, streaming, finishing."""
+        t = time.perf_counter()
+        if inf.event is not None:
+            inf.event.synchronize()
+        toks = inf.host[: len(inf.reqs)].tolist()
+        t1 = time.perf_counter()
+        stats.wait_s += t1 - t
+        try:
+            self._take(list(zip(inf.reqs, toks, strict=True)), stats, outputs, late=True)
+        except Exception as exc:  # a callback raised: the step's requests fail, as in a synchronous step
+            self._fail(inf.reqs, exc, outputs)
+        stats.post_s += time.perf_counter() - t1
+
+    def _take(
+        self,
+        sampled: list[tuple[Request, int]],
+        stats: StepStats,
+        outputs: list[RequestOutput],
+        late: bool = False,
+    ) -> None:
+        """Accept one sampled token per request: stops, then a final output or a streamed delta. late: the
+        tokens of an overlapped step, read one step late: a request no longer running (stopped at the step
+        before, or aborted, also by a callback earlier in this loop) drops its token."""
+        for req, tok in sampled:
+            if late and req.status != "running":
+                continue
+            stats.sampled += 1
+            if self._accept(req, tok):
+                self.running.remove(req)
+                outputs.append(self._finish(req, req.finish_reason or "length", [tok]))
+            else:
+                outputs.append(self._emit(req, [tok]))
+
+    def _settle(self) -> None:
+        """Drop a step in flight none of whose requests is still running (they stopped one step late or were
+        aborted), once the device is done with it: its blocks are free and may go to other work, e.g. a
+        Generator on another stream sharing the pool, which stream order does not protect."""
+        inf = self._inflight
+        if inf is None or any(r.status == "running" for r in inf.reqs):
+            return
+        self._inflight = None
+        if inf.event is not None:
+            inf.event.synchronize()
+
+    def _fail(self, reqs: list[Request], exc: Exception, outputs: list[RequestOutput]) -> None:
+        """A forward raised: its requests fail (their blocks are freed), the scheduler goes on."""
+        msg = f"{type(exc).__name__}: {exc}"
+        self.totals["errors"] += 1
+        for req in reqs:
+            if req.status == "running":
+                self.running.remove(req)
+                try:
+                    outputs.append(self._finish(req, "error", [], error=msg))
+                except Exception:  # its callback raised (again): it is finished and freed all the same
+                    pass
 
     # ---- one step ----------------------------------------------------------------------------------------
 
@@ -572,7 +823,8 @@ class Scheduler:
         return True
 
     def step(self) -> list[RequestOutput]:
-        """One iteration (module docstring); the outputs of every request that sampled or finished."""
+        """One iteration (module docstring); the outputs of every request that sampled or finished (with
+        overlapped decode: the tokens of the step launched by the previous call)."""
         t0 = time.perf_counter()
         stats = StepStats()
         outputs: list[RequestOutput] = []
@@ -580,18 +832,68 @@ class Scheduler:
         if self.stream is not None:
             self.stream.wait_event(self.xp.cuda.get_current_stream().record())
         with ctx:
-            self._step(stats, outputs)
-            if self.stream is not None:
-                self.stream.synchronize()
+            if self._overlapped_step(stats, outputs, t0):
+                self._settle()
+            else:
+                self._resolve(stats, outputs)  # a synchronous step starts from every token on the host
+                self._step(stats, outputs)
+                if self.stream is not None:
+                    self.stream.synchronize()
         stats.seconds = time.perf_counter() - t0
         self.last_step = stats
         self.totals["steps"] += 1
+        self.totals["generated_tokens"] += stats.sampled
+        self._record(stats)
         if stats.tokens:
             self.controller.observe(stats.seconds, stats.tokens, stats.decode_seqs + stats.prefill_seqs,
                                     stats.saturated)  # fmt: skip
         return outputs
 
+    def _record(self, stats: StepStats) -> None:
+        k = self.kind_totals.get(stats.kind)
+        if k is None:
+            k = self.kind_totals[stats.kind] = dict.fromkeys(
+                ("steps", "graph", "seconds", "host_s", "wait_s", "post_s", "tokens"), 0
+            )
+        k["steps"] += 1
+        k["graph"] += int(stats.graph)
+        k["seconds"] += stats.seconds
+        k["host_s"] += stats.host_s
+        k["wait_s"] += stats.wait_s
+        k["post_s"] += stats.post_s
+        k["tokens"] += stats.tokens
+        if stats.decode_seqs:  # by the decode batch's bucket: how the step time grows with the batch
+            bucket = bucket_for(stats.decode_seqs, self.buckets) or stats.decode_seqs
+            steps, secs = k.setdefault("buckets", {}).get(bucket, (0, 0.0))
+            k["buckets"][bucket] = (steps + 1, secs + stats.seconds)
+        if stats.sync_reason is not None:
+            self.sync_reasons[stats.sync_reason] = self.sync_reasons.get(stats.sync_reason, 0) + 1
+
+    def step_breakdown(self) -> dict[str, Any]:
+        """Where the steps' time went, by kind (STEP_KINDS): steps, graph replays, total seconds and mean
+        milliseconds per step of the whole step, the host part before the launch, the wait on the device
+        and the work on the tokens after it, and {decode batch bucket: (steps, mean ms)}; plus why decode
+        steps did not overlap (counts by reason). An overlapped step's time is mostly the wait for the step
+        before it (one batch earlier)."""
+        kinds = {}
+        for kind, k in self.kind_totals.items():
+            n = max(1, k["steps"])
+            kinds[kind] = dict(
+                steps=k["steps"], graph=k["graph"], seconds=k["seconds"], tokens=k["tokens"],
+                ms=1e3 * k["seconds"] / n, host_ms=1e3 * k["host_s"] / n,
+                wait_ms=1e3 * k["wait_s"] / n, post_ms=1e3 * k["post_s"] / n,
+                buckets={b: (c, 1e3 * t / c) for b, (c, t) in sorted(k.get("buckets", {}).items())},
+            )  # fmt: skip
+        return dict(kinds=kinds, sync_reasons=dict(self.sync_reasons))
+
+    def reset_stats(self) -> None:
+        """Zero the totals, the per-kind step times and the sync reasons (e.g. after a warm-up)."""
+        self.totals.update(dict.fromkeys(self.totals, 0))
+        self.kind_totals.clear()
+        self.sync_reasons.clear()
+
     def _step(self, stats: StepStats, outputs: list[RequestOutput]) -> None:
+        t_start = time.perf_counter()
         pool = self.pool
         max_seqs = min(self.max_num_seqs, self.controller.max_seqs)
         budget = min(self.max_num_batched_tokens, self.controller.token_budget)
@@ -672,30 +974,28 @@ class Scheduler:
         stats.prefill_tokens = sum(min(p, chunk) for p in pending)
         # 5. forward, 6. sample
         try:
-            results = self._forward(decode, prefill, chunk)
+            results = self._forward(decode, prefill, chunk, stats)
             stats.forwards = len(results)
-            for reqs, logits in results:
+            t_launch = time.perf_counter()
+            stats.host_s += t_launch - t_start
+            t_read = None
+            for reqs, res, is_ids in results:
                 ready = [i for i, r in enumerate(reqs) if self._pending(r) == 0]
                 if not ready:
                     continue
-                rows = logits if len(ready) == len(reqs) else logits[self.xp.asarray(np.array(ready))]
-                toks = self._sample(rows, [reqs[i] for i in ready])
-                for i, tok in zip(ready, toks, strict=True):
-                    req = reqs[i]
-                    stats.sampled += 1
-                    if self._accept(req, tok):
-                        self.running.remove(req)
-                        outputs.append(self._finish(req, req.finish_reason or "length", [tok]))
-                    else:
-                        outputs.append(self._emit(req, [tok]))
+                rows = res if len(ready) == len(reqs) else res[self.xp.asarray(np.array(ready))]
+                if is_ids:  # a greedy decode forward: the argmax ran on the device (in the graph)
+                    toks = np.asarray(backend.to_numpy(rows)).astype(int).tolist()
+                else:
+                    toks = self._sample(rows, [reqs[i] for i in ready])
+                if t_read is None:
+                    t_read = time.perf_counter()
+                    stats.wait_s += t_read - t_launch
+                self._take([(reqs[i], tok) for i, tok in zip(ready, toks, strict=True)], stats, outputs)
         except Exception as exc:  # the step's requests fail; the pool and the other requests go on
-            msg = f"{type(exc).__name__}: {exc}"
-            self.totals["errors"] += 1
-            for req in decode + prefill:
-                if req.status == "running":
-                    self.running.remove(req)
-                    outputs.append(self._finish(req, "error", [], error=msg))
+            self._fail(decode + prefill, exc, outputs)
             return
+        if t_read is not None:
+            stats.post_s += time.perf_counter() - t_read
         self.totals["forwards"] += stats.forwards
-        self.totals["generated_tokens"] += stats.sampled
         self.totals["prompt_tokens_computed"] += stats.prefill_tokens

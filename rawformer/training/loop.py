@@ -272,6 +272,9 @@ def train(
                 loss_sum = loss_sum + loss.data  # on the device: read once per step, below
             if dp is not None:
                 dp.finish()
+                # a peer hung inside NCCL shows here, through the watchdog (finish() does not block the
+                # host); the grad-norm below waits for the gradients on the host anyway
+                dp.synchronize()
             result = optimizer_step(optimizer, scaler, lr=lr, max_grad_norm=config.max_grad_norm)
             step += 1
             dt = time.perf_counter() - t0

@@ -38,8 +38,29 @@ for name in ("harness", "distributed"):  # the bench scripts import harness by t
     spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
     sys.modules[name] = module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-rec = sys.modules["distributed"].dp_overhead(np, groups, "gpt2-tiny", "float32", reps=2)
-bal = sys.modules["distributed"].balance_run(np, groups, "gpt2-tiny", "float32", steps=4, every=2)
+bench = sys.modules["distributed"]
+rec = bench.dp_overhead(np, groups, "gpt2-tiny", "float32", reps=2)
+bal = bench.balance_run(np, groups, "gpt2-tiny", "float32", steps=4, every=2)
+
+# the bus-bandwidth verdict (issue 11's bar) on synthetic sweep records: N/A on one rank, else judged
+sweep = [
+    {"path": path, "size": size, "placement": where, "time_us": t}
+    for path, t in (("nccl", 100.0), ("rawformer", 105.0))
+    for size in (1 << 20, 64 << 20)
+    for where in ("in", "out")
+]
+slow = [dict(r, time_us=200.0) if r["path"] == "rawformer" and r["size"] == 64 << 20 else r for r in sweep]
+verdicts = {
+    "one_rank": bench.busbw_verdict(slow, 1).status,
+    "fast": bench.busbw_verdict(sweep, 2).status,
+    "slow": bench.busbw_verdict(slow, 2).status,
+    "small_only": bench.busbw_verdict([r for r in sweep if r["size"] < 64 << 20], 2),
+}
+Verdict = sys.modules["harness"].Verdict
+exits = [
+    bench.exit_code([Verdict(bench.NOT_APPLICABLE, "x"), Verdict("PASS", "y"), Verdict("SKIP", "z")]),
+    bench.exit_code([Verdict(bench.NOT_APPLICABLE, "x"), Verdict("FAIL", "y")]),
+]
 
 if rank == 0:
     ref = GPT.create(CFG, seed=1)
@@ -52,4 +73,6 @@ if rank == 0:
         bench_keys=sorted(rec),
         bench_tokens=rec["tokens_per_s"] > 0 and rec["plain_ms"] > 0,
         balance_shares=bal["shares"],
+        busbw_verdicts=verdicts,
+        exit_codes=exits,
     )

@@ -5,12 +5,14 @@ DataParallel on CuPy parameters against one process on the same GPU. Run: mpirun
 from __future__ import annotations
 
 import os
+import time
 
 import common
 import cupy as cp
 import numpy as np
 
 import rawformer.distributed as dist
+from rawformer import autograd as ag
 from rawformer.distributed import collectives
 
 STEPS, BATCH, LR = 3, 24, 0.1
@@ -83,5 +85,57 @@ for kind, fp16 in (("nccl", False), ("nccl", True), ("host-staged", False)):
     report[f"dp_{name}_rel"] = max(float(np.abs(final[k] - ref[k]).max() / np.abs(ref[k]).max()) for k in ref)
     report[f"dp_{name}_early"] = early
     report[f"dp_{name}_buckets"] = len(dp.buckets)
+
+# finish() on NCCL does not block the host: a 0.5 s spin kernel is queued after backward, and an unused
+# parameter (first in model order: the last bucket) makes finish() itself launch that bucket's all-reduce,
+# which must wait for the spin on the GPU, not on the host
+SPIN_NS = 500_000_000
+spin = cp.RawKernel(
+    r"""
+extern "C" __global__ void spin_ns(unsigned long long ns) {
+    unsigned long long t0, t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
+    do { asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t)); } while (t - t0 < ns);
+}""",
+    "spin_ns",
+)
+if "nccl" in kinds:
+    params = {"unused": ag.Tensor(cp.ones((3, 4), dtype=cp.float32), requires_grad=True), **on_gpu(0)}
+    dp = dist.DataParallel(params, bucket_mb=200 / 2**20, first_bucket_mb=60 / 2**20, kind="nccl", timeout=60)
+    lo = rank * per
+    xs, cs = cp.asarray(x[0, lo : lo + per]), cp.asarray(c[0, lo : lo + per])
+    spin((1,), (1,), (np.uint64(1000),))  # compiled before anything is timed
+    for _ in range(2):  # warm-up; the timed finish() checks the last one's events (complete by then)
+        for p in params.values():
+            p.grad = None
+        dp.begin_step(True)
+        common.loss_fn(params, xs, cs).backward()
+        dp.finish()
+    report["finish_views"] = all(
+        dp.params[i].grad is b.slots[k] for b in dp.buckets for k, i in enumerate(b.params)
+    )
+    cp.cuda.Device().synchronize()
+    for p in params.values():
+        p.grad = None
+    dp.begin_step(True)
+    common.loss_fn(params, xs, cs).backward()
+    spin((1,), (1,), (np.uint64(SPIN_NS),))
+    t0 = time.perf_counter()
+    dp.finish()
+    report["finish_ms"] = (time.perf_counter() - t0) * 1e3
+    after = cp.cuda.Event(disable_timing=True)
+    after.record()  # on the compute stream, behind finish()'s waits for the bucket events
+    report["finish_returned_before_spin"] = not after.done
+    grads = {k: cp.asnumpy(p.grad) for k, p in params.items()}  # ordered after the all-reduces
+    ref_params = on_gpu(0)  # one process over the global batch, on this GPU
+    common.loss_fn(ref_params, cp.asarray(x[0]), cp.asarray(c[0])).backward()
+    ref_grads = {k: cp.asnumpy(p.grad) for k, p in ref_params.items()}
+    ref_grads["unused"] = np.zeros((3, 4), dtype=np.float32)
+    report["finish_grad_rel"] = max(
+        float(np.abs(grads[k] - ref_grads[k]).max() / max(np.abs(ref_grads[k]).max(), 1e-30))
+        for k in ref_grads
+    )
+    report["finish_unused_zero"] = not grads["unused"].any()
+    report["finish_exposed_ms"] = dp.exposed_s * 1e3
 if rank == 0:
     common.result(check="gpu", **report)
