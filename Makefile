@@ -45,7 +45,7 @@ gpu-check:
 	set -o pipefail; $(GPU_PY) bench/distributed.py --quick 2>&1 | tee $(OUT)/bench-distributed-quick.log
 
 # Every benchmark, each writing bench/results/<gpu>/<name>.{json,md}
-BENCHES ?= kernels attention e2e decode_profile train train_kernels quant accuracy mla serve onnx_bench distributed
+BENCHES ?= kernels attention e2e decode_profile train train_kernels quant accuracy accuracy_bundled mla serve onnx_bench distributed
 bench:
 	$(GPU_PY) -m pip install -q --no-deps --no-build-isolation -e .
 	mkdir -p $(OUT)

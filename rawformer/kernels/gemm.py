@@ -451,5 +451,6 @@ def _matmul_cupy(a: Any, b: Any, out: Any) -> Any:
             one, b.data.ptr, ctype, plan.lda, a.data.ptr, ctype, plan.ldb,
             zero, out.data.ptr, ctype, plan.ldc, compute, CUBLAS_GEMM_DEFAULT,
         )  # fmt: skip
-    lib.check(status, f"cublasGemmEx ({m}, {k}) @ ({k}, {n}) {dtype}")
+    if status:  # the message only on failure: formatting it (numpy dtype str) costs microseconds per call
+        lib.check(status, f"cublasGemmEx ({m}, {k}) @ ({k}, {n}) {dtype}")
     return out
