@@ -13,7 +13,10 @@ One call runs its requests in waves of at most `max_batch` sequences. A wave:
    `max_prefill_tokens` tokens), `model.forward(batch, arena, last_only=True)`, one sampled token each;
 3. decode: while a sequence is unfinished, one step feeds every unfinished sequence its last token
    (`pool.prepare(ids, [[tok], ...])`), runs the forward (a CUDA graph on the GPU, see cuda_graphs.py) and
-   samples the next token; a finished sequence leaves the batch and frees its blocks at once.
+   samples the next token; a finished sequence leaves the batch and frees its blocks at once. Greedy waves
+   on the GPU run `_decode_fed` instead: the host prepares and launches step n+1 before it reads step n's
+   tokens (they reach step n+1 on the device), so its own work overlaps the GPU's; the results are the
+   same (`overlap_host=False` turns it off).
 
 A sequence finishes on a stop token ("stop_token"; the token is in token_ids, not in the text), a stop string
 in its decoded text ("stop_string"; the text is cut before it), max_new_tokens ("length"), or when feeding
