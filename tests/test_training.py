@@ -222,10 +222,20 @@ def test_exact_resume_with_float16_masters_and_loss_scale(tmp_path, corpus):
     assert again["held_out_loss"] == full["held_out_loss"]
 
 
+def native_logits(native, prompt):
+    """The logits of a loaded native model for one prompt, through a fresh paged KV pool (NumPy)."""
+    from rawformer import memory
+
+    arena = memory.KVArena(native.num_layers, native.num_kv_heads, native.head_dim, native.dtype, 8,
+                           num_blocks=8, xp=np)  # fmt: skip
+    pool = memory.KVPool(arena)
+    pool.add_sequence(0, prompt)
+    return native.forward(pool.prepare([0]), arena)
+
+
 def test_checkpoint_is_a_native_gpt2_checkpoint(tiny_run):
     from rawformer.export import load_hf
 
-    memory = pytest.importorskip("rawformer.memory")
     out, _ = tiny_run
     step_dir = ckpt.resolve_checkpoint(out)
     assert step_dir.name == "step-00000012"
@@ -235,18 +245,13 @@ def test_checkpoint_is_a_native_gpt2_checkpoint(tiny_run):
     prompt = list(ByteTokenizer().encode("import os\nprint(")) + [256, 10]
     with ag.no_grad():
         want = trained.forward(np.array([prompt])).data
-    arena = memory.KVArena(native.num_layers, native.num_kv_heads, native.head_dim, native.dtype, 8,
-                           num_blocks=8, xp=np)  # fmt: skip
-    pool = memory.KVPool(arena)
-    pool.add_sequence(0, prompt)
-    got = native.forward(pool.prepare([0]), arena)
+    got = native_logits(native, prompt)
     np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9 * np.abs(want).max())
 
 
 def test_llama_trains_and_loads_as_a_native_llama(tmp_path, corpus):
     from rawformer.export import load_hf
 
-    memory = pytest.importorskip("rawformer.memory")
     model = dict(model_type="llama", vocab_size=257, hidden_size=32, intermediate_size=48,
                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                  max_position_embeddings=64)  # fmt: skip
@@ -260,11 +265,7 @@ def test_llama_trains_and_loads_as_a_native_llama(tmp_path, corpus):
     prompt = list(range(60, 80))
     with ag.no_grad():
         want = trained.forward(np.array([prompt])).data
-    arena = memory.KVArena(native.num_layers, native.num_kv_heads, native.head_dim, native.dtype, 8,
-                           num_blocks=8, xp=np)  # fmt: skip
-    pool = memory.KVPool(arena)
-    pool.add_sequence(0, prompt)
-    got = native.forward(pool.prepare([0]), arena)
+    got = native_logits(native, prompt)
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * np.abs(want).max())
 
 

@@ -359,21 +359,28 @@ def _gemv_cupy(
     up: QuantizedWeight | None = None,
     bias2: Any = None,
     norm: tuple[Any, ...] | None = None,
+    out: Any = None,
 ) -> Any:
     """x2 (M, K) contiguous CuPy -> (M, N), 8 rows of x per launch; with `up`: silu(x2 W~ + b) * (x2 U~ + b2)
     (the DUAL kernel). version None: default_gemv_version. With `norm` = (a2, ln_w, s_out, eps): the
     int8_gemv_norm kernel, whose input is rms_norm(x2 + a2) * ln_w computed in its prologue (one launch of
-    at most NORM_MAX_TOKENS rows; the caller, ops/int8_norm_linear.py, checked K == Kp and alignment)."""
+    at most NORM_MAX_TOKENS rows; the caller, ops/int8_norm_linear.py, checked K == Kp and alignment).
+    out: the (M, N) result buffer (default: a new one)."""
     cp = backend.require_cupy()
     m, k = x2.shape
     n, kp = qw.q.shape
-    y = cp.empty((m, n), dtype=x2.dtype)
+    y = cp.empty((m, n), dtype=x2.dtype) if out is None else out
     if m == 0 or n == 0:
         return y
-    if norm is not None:
-        _gemv_norm_launch(x2, qw, bias, version, up, bias2, norm, y)
-        return y
-    if k != kp or x2.data.ptr % 16:  # rows of whole 16-byte chunks, zero beyond K (0 * garbage could be NaN)
+    norm_args, smem = (), 0
+    if norm is not None:  # one launch (m <= NORM_MAX_TOKENS), x2 unpadded (K == Kp)
+        a2, ln_w, s_out, eps = norm
+        norm_args = (
+            _NULL if a2 is None else a2, i32(kp), _NULL if ln_w is None else ln_w,
+            _NULL if s_out is None else s_out, i32(kp), np.float32(eps),
+        )  # fmt: skip
+        smem = m * kp * x2.itemsize  # h staged in shared memory
+    elif k != kp or x2.data.ptr % 16:  # rows of whole 16-byte chunks, zero beyond K (0 * garbage: NaN)
         xp_ = cp.zeros((m, kp), dtype=x2.dtype)
         xp_[:, :k] = x2
         x2 = xp_
@@ -387,39 +394,15 @@ def _gemv_cupy(
     moved = qw.nbytes * (2 if dual else 1)
     for i in range(0, m, GEMV_MAX_TOKENS):
         rows = min(GEMV_MAX_TOKENS, m - i)
-        kernel = get_function(_FAMILY, gemv_expression(x2.dtype, rows, qw.group_size, version, dual))
+        expr = gemv_expression(x2.dtype, rows, qw.group_size, version, dual, norm=norm is not None)
         launch(
-            kernel, grid, (32 * warps,),
+            get_function(_FAMILY, expr), grid, (32 * warps,),
             (x2[i : i + rows], qw.q, qw.scales, b, *second, y[i : i + rows], i32(rows), i32(n), i32(chunks),
-             i32(kp), i32(kp), i32(ngroups), i32(n)),
-            bytes_moved=moved + rows * (kp + n) * x2.itemsize,
-            pdl=True,  # x is loaded after rf::pdl_wait with ordinary loads (cuda_src/int8_gemv.cu load_x)
+             i32(kp), i32(kp), i32(ngroups), i32(n), *norm_args),
+            shared_mem=smem, bytes_moved=moved + rows * (kp + n) * x2.itemsize,
+            pdl=True,  # x is read after rf::pdl_wait, through rf::after_pdl_wait (cuda_src/int8_gemv.cu)
         )  # fmt: skip
     return y
-
-
-def _gemv_norm_launch(
-    x2: Any, qw: QuantizedWeight, bias: Any, version: int | None, up: QuantizedWeight | None, bias2: Any,
-    norm: tuple[Any, ...], y: Any,
-) -> None:  # fmt: skip
-    a2, ln_w, s_out, eps = norm
-    m, kp = x2.shape
-    n = qw.q.shape[0]
-    version = version or default_gemv_version(kp, n, up is not None)
-    r, _, warps = _GEMV_CONFIGS[version]
-    dual = up is not None
-    second = (up.q, up.scales, _NULL if bias2 is None else bias2) if dual else (_NULL, _NULL, _NULL)
-    kernel = get_function(_FAMILY, gemv_expression(x2.dtype, m, qw.group_size, version, dual, norm=True))
-    launch(
-        kernel, (-(-n // (warps * r)),), (32 * warps,),
-        (x2, qw.q, qw.scales, _NULL if bias is None else bias, *second, y, i32(m), i32(n), i32(kp // CHUNK),
-         i32(kp), i32(kp), i32(_ngroups(qw)), i32(n),
-         _NULL if a2 is None else a2, i32(kp), _NULL if ln_w is None else ln_w,
-         _NULL if s_out is None else s_out, i32(kp), np.float32(eps)),
-        shared_mem=m * kp * x2.itemsize,  # h staged in shared memory
-        bytes_moved=qw.nbytes * (2 if dual else 1) + m * (kp + n) * x2.itemsize,
-        pdl=True,
-    )  # fmt: skip
 
 
 def _gemm_cupy(x2: Any, qw: QuantizedWeight, bias: Any) -> Any:

@@ -57,6 +57,7 @@ from rawformer.runtime.cuda_graphs import (
     bucket_for,
 )
 from rawformer.runtime.sampler import Sampler, SamplingParams
+from rawformer.runtime.token_feed import TokenReadback, decodes_again, feed_tokens
 
 __all__ = ["Generation", "GenerationResult", "Generator", "embed", "encode_prompts", "generate", "make_pool"]
 
@@ -287,6 +288,7 @@ class Generator:
         self.pad = self.is_gpu or graph_backend is not None
         self.graphs = DecodeGraphs(self._eager_step, graph_backend) if self.use_graphs else None
         self.overlap_host = bool(overlap_host)
+        self._readback: TokenReadback | None = None  # _decode_fed's host copies of the sampled ids
         self.stream = self.xp.cuda.Stream(non_blocking=True) if self.is_gpu else None
         self._ids = itertools.count()
         self.last_stats: dict[str, Any] = {}
@@ -484,42 +486,32 @@ class Generator:
         in (the same bucketed shapes as `_decode_steps`), so the results equal that loop's.
         """
         pool, xp = self.pool, self.xp
-        gpu = self.is_gpu
         # the step whose tokens are on their way to the host: (requests, device ids, host ids, event)
         inflight: tuple[list[_Request], Any, Any, Any] | None = None
         prev_rows: dict[int, int] = {}  # id(request) -> its row in the in-flight step
-        host_bufs: dict[int, np.ndarray] = {}  # two pinned buffers, alternating: one read, one written
+        if self._readback is None:  # kept across calls: its pinned buffers are allocated once
+            self._readback = TokenReadback(xp, self.max_batch)
         step = 0
         while True:
-            known = {id(r) for r in active} - set(prev_rows)  # requests whose last token is on the host
-
-            launch = [r for r in active if r.finish is None and self._runs_again(r, id(r) not in known)]
+            # the requests whose last token is still on the device (in their in-flight step's row order),
+            # then those whose last token the host has; only those that take another step
+            fed = [r for r in active if id(r) in prev_rows and self._runs_again(r, True)]
+            fed.sort(key=lambda r: prev_rows[id(r)])
+            known = [r for r in active if id(r) not in prev_rows and self._runs_again(r, False)]
+            launch = fed + known
             nxt = None
             if launch:
                 n = len(launch)
                 bucket = bucket_for(n, self.buckets)
-                new = [[r.tokens[-1]] if id(r) in known else [UNKNOWN_TOKEN] for r in launch]
+                new = [[UNKNOWN_TOKEN]] * len(fed) + [[r.tokens[-1]] for r in known]
                 batch = self._prepare_decode(
                     step, [r.seq_id for r in launch], new, pad_to=bucket, block_table_width=width,
                     unknown_tokens=True,
                 )  # fmt: skip
-                fed = [(i, prev_rows[id(r)]) for i, r in enumerate(launch) if id(r) not in known]
                 if fed:  # the previous step's argmax -> this step's input ids, on the device
-                    dst, src = zip(*fed, strict=True)
-                    if dst == src == tuple(range(len(dst))):  # the usual case: rows unchanged
-                        batch.tokens[: len(dst)] = inflight[1][: len(dst)]
-                    else:
-                        batch.tokens[xp.asarray(dst)] = inflight[1][xp.asarray(src)]
+                    feed_tokens(batch.tokens, inflight[1], [prev_rows[id(r)] for r in fed], xp)
                 ids = self._decode(batch, greedy=True)
-                if gpu:
-                    if step % 2 not in host_bufs:
-                        host_bufs[step % 2] = self._host_ids(len(active), ids.dtype)
-                    host = host_bufs[step % 2][:n]
-                    ids[:n].get(out=host, blocking=False)  # pinned: asynchronous
-                    done = xp.cuda.Event(block=False, disable_timing=True)
-                    done.record()
-                else:
-                    host, done = backend.to_numpy(ids[:n]).copy(), None
+                host, done = self._readback.start(ids, n)
                 nxt = (launch, ids, host, done)
                 step += 1
             if inflight is not None:  # step n's tokens, while step n+1 runs
@@ -554,16 +546,9 @@ class Generator:
             ) from e  # fmt: skip
 
     def _runs_again(self, r: _Request, in_flight: bool) -> bool:
-        """Whether r decodes another step, from counts alone: the tokens it will have once its in-flight
-        token (if any) is read stay below max_new_tokens and the longest sequence (see `_finished`)."""
-        n_tok = len(r.tokens) + int(in_flight)
-        return n_tok < r.max_new and len(r.prompt) + n_tok <= self.max_len
-
-    def _host_ids(self, n: int, dtype: Any) -> np.ndarray:
-        """A pinned host array for n token ids (asynchronous device-to-host copies)."""
-        dtype = np.dtype(dtype)
-        mem = self.xp.cuda.alloc_pinned_memory(max(1, n) * dtype.itemsize)
-        return np.ndarray((max(1, n),), dtype=dtype, buffer=mem)
+        """Whether r decodes another step, from counts alone (its in-flight token, if any, counted; see
+        `_finished`)."""
+        return decodes_again(len(r.prompt), len(r.tokens) + int(in_flight), r.max_new, self.max_len)
 
     def _run_wave(self, wave: list[_Request], sampler: Sampler, stats: dict[str, Any]) -> None:
         pool = self.pool

@@ -28,6 +28,7 @@ import numpy as np
 
 from rawformer.memory.pool import UNKNOWN_TOKEN
 from rawformer.runtime.cuda_graphs import bucket_for
+from rawformer.runtime.token_feed import decodes_again, feed_tokens
 
 if TYPE_CHECKING:
     from rawformer.runtime.scheduler import Request, RequestOutput, StepStats
@@ -52,10 +53,9 @@ class OverlappedDecode:
     read and write its queues, pool, graphs and `_inflight`."""
 
     def _runs_again(self, req: Request) -> bool:
-        """Whether a request with a token in flight decodes another step, from counts alone: once that token
-        is read it stays below max_new_tokens and the longest sequence (the count checks of `_accept`)."""
-        n_tok = len(req.output) + 1
-        return n_tok < req.max_new_tokens and len(req.prompt) + n_tok <= self.max_len
+        """Whether a request with a token in flight decodes another step, from counts alone (the count checks
+        of `_accept`)."""
+        return decodes_again(len(req.prompt), len(req.output) + 1, req.max_new_tokens, self.max_len)
 
     def _would_admit(self, occupied: int, need: int, max_seqs: int, budget: int) -> bool:
         """Whether the synchronous path would admit the first waiting request now (its admission rules, with
@@ -71,25 +71,6 @@ class OverlappedDecode:
     def _no_overlap(self, stats: StepStats, reason: str) -> bool:
         stats.sync_reason = reason
         return False
-
-    def _ids_to_host(self, ids: Any, n: int) -> tuple[np.ndarray, Any]:
-        """Start copying n token ids to the host: (host array, event after the copy; None on the CPU). Two
-        pinned buffers alternate: one is read for the step in flight while the next step's copy fills the
-        other."""
-        if not self.is_gpu:
-            return np.array(ids[:n]), None
-        slot = self._launches % 2
-        self._launches += 1
-        buf = self._host_bufs.get(slot)
-        if buf is None or buf.shape[0] < n or buf.dtype != ids.dtype:
-            size = max(n, self.max_num_seqs)
-            mem = self.xp.cuda.alloc_pinned_memory(size * np.dtype(ids.dtype).itemsize)
-            buf = self._host_bufs[slot] = np.ndarray((size,), dtype=ids.dtype, buffer=mem)
-        host = buf[:n]
-        ids[:n].get(out=host, blocking=False)  # pinned: asynchronous, in stream order
-        event = self.xp.cuda.Event(block=False, disable_timing=True)
-        event.record()
-        return host, event
 
     def _overlapped_step(self, stats: StepStats, outputs: list[RequestOutput], t0: float) -> bool:
         """Launch a pure decode step, then read the tokens of the step in flight (module docstring). False,
@@ -144,13 +125,9 @@ class OverlappedDecode:
                 unknown_tokens=True,
             )  # fmt: skip
             if k:  # the in-flight step's argmax -> this step's input ids, on the device, in stream order
-                src = [prev[id(r)] for r in fed]
-                if src[-1] == k - 1:  # sorted and distinct: rows 0..k-1 unchanged
-                    batch.tokens[:k] = inf.ids[:k]
-                else:
-                    batch.tokens[:k] = inf.ids[self.xp.asarray(np.array(src))]
+                feed_tokens(batch.tokens, inf.ids, [prev[id(r)] for r in fed], self.xp)
             ids, stats.graph = self._run_decode(batch, n, True, bucket is not None)
-            host, event = self._ids_to_host(ids, n)
+            host, event = self._readback.start(ids, n)
         except Exception as exc:  # the in-flight tokens are good: read them, then fail this step's requests
             stats.host_s = time.perf_counter() - t0
             self._resolve(stats, outputs)

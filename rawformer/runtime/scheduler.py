@@ -68,6 +68,7 @@ from rawformer.runtime.cuda_graphs import DEFAULT_BUCKETS, DecodeGraphs, GraphCa
 from rawformer.runtime.generate import _model_limit, _split_stop
 from rawformer.runtime.overlap import InFlight, OverlappedDecode
 from rawformer.runtime.sampler import SamplingParams, sample_tokens
+from rawformer.runtime.token_feed import TokenReadback
 
 __all__ = ["FINISH_REASONS", "STEP_KINDS", "Request", "RequestOutput", "Scheduler", "StepStats"]
 
@@ -293,8 +294,7 @@ class Scheduler(OverlappedDecode):
         self.admit_batch = admit_batch
         self.overlap_host = self.pad if overlap_host is None else bool(overlap_host)
         self._inflight: InFlight | None = None  # the overlapped step whose tokens are not read yet
-        self._host_bufs: dict[int, np.ndarray] = {}  # two pinned id buffers, alternating (GPU)
-        self._launches = 0
+        self._readback = TokenReadback(self.xp, self.max_num_seqs)  # overlapped steps' ids to the host
         self.stream = self.xp.cuda.Stream(non_blocking=True) if self.is_gpu else None
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
