@@ -22,8 +22,9 @@ static    The 1B Llama config (fp16, random weights) on one mixed offline worklo
           its longest request ends) vs continuous batching (rawformer.runtime.Engine, the same batch limit).
           Acceptance: continuous >= 2x static generated tokens/s. Printed too: the continuous steps by kind
           (overlapped / graph / eager / mixed: count, mean ms, host / wait / token parts, why steps were
-          synchronous), the static run's decode steps, and (unless --no-compare-sync) the continuous run
-          again with overlapped decode off.
+          synchronous), the static run's decode steps, and the continuous run again with interleaved
+          prefill (admitted prompts prefilled a few layers per decode step instead of in a synchronous
+          step; unless --no-compare-interleave) and with overlapped decode off (unless --no-compare-sync).
 pressure  The 1B config in float32: the same workload through an Engine with an ample KV pool and through
           one with a quarter of the blocks the workload wants at once (preemption by swap, then by
           recompute). Acceptance: every request's tokens are identical to the ample run's, preemptions
@@ -240,6 +241,18 @@ def _engine(model: Any, args: argparse.Namespace, kv_tokens: int, **kw: Any) -> 
     )
 
 
+def _run_with(engine: Any, work: list, setting: str, value: Any) -> dict:
+    """The continuous run again with one Scheduler setting changed (and put back afterwards)."""
+    sch = engine.scheduler
+    sch.reset_stats()
+    old = getattr(sch, setting)
+    setattr(sch, setting, value)
+    try:
+        return run_continuous(engine, work)
+    finally:
+        setattr(sch, setting, old)
+
+
 def part_static(args: argparse.Namespace) -> tuple[dict, list]:
     dtype = "float16" if args.device == "gpu" else "float32"
     model, _, _ = load_model(model_ns(args.static_model, dtype, args.device), quiet=True)
@@ -258,7 +271,8 @@ def part_static(args: argparse.Namespace) -> tuple[dict, list]:
     stat = run_static(model, engine.pool, work, args.batch)
     cont = run_continuous(engine, work)
     ratio = cont["tokens_per_s"] / stat["tokens_per_s"]
-    same = sum(a == b for a, b in zip(cont.pop("token_ids"), stat.pop("token_ids"), strict=True))
+    cont_ids = cont.pop("token_ids")
+    same = sum(a == b for a, b in zip(cont_ids, stat.pop("token_ids"), strict=True))
     harness.log(
         f"static: static {stat['tokens_per_s']:.0f} tokens/s ({stat['seconds']:.2f} s), continuous "
         f"{cont['tokens_per_s']:.0f} tok/s ({cont['seconds']:.2f} s, {cont['steps']} steps): {ratio:.2f}x; "
@@ -284,13 +298,7 @@ def part_static(args: argparse.Namespace) -> tuple[dict, list]:
         identical=same,
     )
     if args.compare_sync and engine.scheduler.overlap_host:  # the same run with every step synchronous
-        sch = engine.scheduler
-        sch.reset_stats()
-        sch.overlap_host = False
-        try:
-            sync = run_continuous(engine, work)
-        finally:
-            sch.overlap_host = True
+        sync = _run_with(engine, work, "overlap_host", False)
         sync.pop("token_ids")
         harness.log(
             f"static: continuous without overlap {sync['tokens_per_s']:.0f} tok/s ({sync['seconds']:.2f} s, "
@@ -299,6 +307,18 @@ def part_static(args: argparse.Namespace) -> tuple[dict, list]:
         for line in format_breakdown(sync["breakdown"]):
             harness.log(line)
         rec["continuous_sync"] = sync
+    if args.compare_interleave and engine.scheduler.can_interleave:  # prompts prefilled between decode steps
+        inter = _run_with(engine, work, "interleave_prefill", True)
+        same_i = sum(a == b for a, b in zip(inter.pop("token_ids"), cont_ids, strict=True))
+        harness.log(
+            f"static: continuous with interleaved prefill {inter['tokens_per_s']:.0f} tok/s "
+            f"({inter['seconds']:.2f} s, {inter['steps']} steps, {inter['prefill_jobs']} prefill jobs, "
+            f"{inter['tokens_per_s'] / stat['tokens_per_s']:.2f}x static); with synchronous admissions "
+            f"{cont['tokens_per_s']:.0f} tok/s; {same_i}/{len(work)} requests token-identical between the two"
+        )
+        for line in format_breakdown(inter["breakdown"]):
+            harness.log(line)
+        rec["continuous_interleaved"] = inter
     v = harness.Verdict(
         "PASS" if ratio >= ACCEPT_SPEEDUP else "FAIL",
         f"continuous batching >= {ACCEPT_SPEEDUP:g}x static batching throughput ({args.static_model}, "
@@ -379,6 +399,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-compare-sync", dest="compare_sync", action="store_false",
         help="static: skip the extra continuous run with overlapped decode off",
+    )  # fmt: skip
+    p.add_argument(
+        "--no-compare-interleave", dest="compare_interleave", action="store_false",
+        help="static: skip the extra continuous run with interleaved prefill (Scheduler interleave_prefill)",
     )  # fmt: skip
     p.add_argument("--static-requests", type=int, default=256, help="static: requests (default 256)")
     p.add_argument("--pressure-requests", type=int, default=96, help="pressure: requests (default 96)")

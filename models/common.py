@@ -16,6 +16,7 @@ rf.kv_write). Three cases, decided once per step by `plan_step`:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -42,6 +43,7 @@ __all__ = [
     "plan_step",
     "random_weights",
     "run_dtypes",
+    "run_layers",
 ]
 
 MAX_DECODE_Q = 16  # rf.paged_attention takes up to 16 new tokens per sequence
@@ -259,6 +261,16 @@ def decoder_attention(
         q, k_all, v_all, causal=True, cu_seqlens_q=batch.cu_seqlens_q, cu_seqlens_k=plan.cu_seqlens_k,
         max_seqlen_q=int(batch.max_seqlen_q), max_seqlen_k=int(batch.max_context),
     )  # fmt: skip
+
+
+def run_layers(steps: Iterator[int]) -> Any:
+    """Run a forward given one layer at a time (a model's `forward_layers` generator) to its end: the
+    value it returns (the logits)."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
 
 
 def last_token_rows(batch: StepBatch) -> Any:

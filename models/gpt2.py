@@ -26,6 +26,7 @@ each; rf.kv_write puts k, v into the paged cache, then `decoder_attention` (mode
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -37,6 +38,7 @@ from rawformer.models.common import (
     linear,
     plan_step,
     random_weights,
+    run_layers,
 )
 from rawformer.models.config import GPT2Config
 from rawformer.models.int8_kv import int8_kv_attention, uses_int8_kv
@@ -124,6 +126,13 @@ class GPT2Model:
         -------
         logits : (T, vocab) in the model dtype, or (S, vocab) with last_only
         """
+        return run_layers(self.forward_layers(batch, arena, last_only=last_only))
+
+    def forward_layers(self, batch: StepBatch, arena: Any, *, last_only: bool = False) -> Iterator[int]:
+        """`forward`, one layer at a time: a generator that yields each layer's index once that layer's work
+        is launched, and returns the logits (run_layers(...) takes them). The Scheduler launches a prefill
+        a few layers per overlapped decode step this way (runtime/interleave.py); `batch` must stay valid
+        until the generator ends (AttentionBatch.detached())."""
         cfg = self.config
         if int(batch.max_context) > cfg.n_positions:
             raise ValueError(
@@ -155,6 +164,7 @@ class GPT2Model:
                 rows = last_token_rows(batch)
                 m, x = m[rows], x[rows]  # (S, H): only the last token of each sequence goes on
             h, x = rf.add_layer_norm(m, x, *nxt, eps)  # x = x + m; h = next block's ln_1(x) (or ln_f)
+            yield layer
         return linear(h, self.wte.T)  # (T or S, V): the tied head, wte read in place
 
 

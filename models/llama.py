@@ -27,6 +27,7 @@ Checkpoint buffers such as layers.{i}.self_attn.rotary_emb.inv_freq are ignored.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -40,6 +41,7 @@ from rawformer.models.common import (
     norm_linear,
     plan_step,
     random_weights,
+    run_layers,
     stacked_linear_weight,
 )
 from rawformer.models.config import LlamaConfig, llama_inv_freq
@@ -146,6 +148,13 @@ class LlamaModel:
         -------
         logits : (T, vocab) in the model dtype, or (S, vocab) with last_only
         """
+        return run_layers(self.forward_layers(batch, arena, last_only=last_only))
+
+    def forward_layers(self, batch: StepBatch, arena: Any, *, last_only: bool = False) -> Iterator[int]:
+        """`forward`, one layer at a time: a generator that yields each layer's index once that layer's work
+        is launched, and returns the logits (run_layers(...) takes them). The Scheduler launches a prefill
+        a few layers per overlapped decode step this way (runtime/interleave.py); `batch` must stay valid
+        until the generator ends (AttentionBatch.detached())."""
         cfg = self.config
         t = int(batch.tokens.shape[0])
         nh, nkv, d, eps = cfg.num_attention_heads, cfg.kv_heads, self.head_dim, cfg.rms_norm_eps
@@ -174,6 +183,7 @@ class LlamaModel:
             # x = x + a; g = swiglu(rms_norm(x) @ w_gate, rms_norm(x) @ w_up)
             g, x = norm_linear(a, x, blk.ln_2, eps, blk.w_gate, blk.b_gate, blk.w_up, blk.b_up)  # (T, I)
             m = linear(g, blk.w_down, blk.b_down)  # (T, H)
+            yield layer
         if last_only:
             rows = last_token_rows(batch)
             m, x = None if m is None else m[rows], x[rows]  # (S, H): the last token of each sequence goes on

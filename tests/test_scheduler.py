@@ -22,6 +22,7 @@ from rawformer.runtime import Generator, generate
 from rawformer.runtime.adaptive import AdaptiveBatcher
 from rawformer.runtime.engine import Engine, EngineClosed, QueueFull
 from rawformer.runtime.metrics import Histogram, prometheus_text
+from rawformer.runtime.sampler import SamplingParams
 from rawformer.runtime.scheduler import Scheduler, _hold_back, water_fill
 
 STD = 0.3  # peaked logits: greedy choices far from ties
@@ -58,11 +59,14 @@ def alone(model, prompts, news):
     return [generate(model, [p], n).token_ids[0] for p, n in zip(prompts, news, strict=True)]
 
 
-def drain(sch, check=True, limit=10_000):
+def drain(sch, check=True, limit=10_000, before=None):
+    """Step until no work is left (before(sch) ahead of every step); the final outputs by request id."""
     finals = {}
     for _ in range(limit):
         if not sch.has_work:
             return finals
+        if before is not None:
+            before(sch)
         for o in sch.step():
             if o.finished:
                 finals[o.request_id] = o
@@ -323,6 +327,11 @@ class FailingModel:
             raise RuntimeError("injected failure")
         return self.m.forward(batch, arena, last_only=last_only)
 
+    def forward_layers(self, batch, arena, last_only=False):  # an interleaved prefill fails the same way
+        if int(batch.max_context) >= self.at:
+            raise RuntimeError("injected failure")
+        return (yield from self.m.forward_layers(batch, arena, last_only=last_only))
+
 
 def test_a_failing_forward_fails_its_step_only():
     model = model_of("gpt2")
@@ -455,6 +464,137 @@ def test_overlapped_step_accounting():
     assert pool.num_free_blocks == 64
     sch.reset_stats()
     assert sch.totals["steps"] == 0 and sch.step_breakdown() == dict(kinds={}, sync_reasons={})
+
+
+def test_interleave_prefill_needs_overlap_and_forward_layers():
+    model = model_of("llama")
+    with pytest.raises(ValueError, match="interleave_prefill needs overlap_host"):
+        Scheduler(model, pool_of(model, 16), interleave_prefill=True)  # the CPU default: no overlap
+    sch = Scheduler(model, pool_of(model, 16), use_graphs=True, graph_backend=ReplayCapture())
+    assert sch.can_interleave and not sch.interleave_prefill  # off unless asked for
+
+
+DEEP_LLAMA = LlamaConfig(
+    vocab_size=89, hidden_size=48, intermediate_size=80, num_hidden_layers=5, num_attention_heads=4,
+    num_key_value_heads=2, rope_theta=500.0, max_position_embeddings=128,
+)  # fmt: skip
+
+
+def test_interleaved_prefill_step_by_step():
+    """An admission while decode overlaps: the prompt's prefill is launched one layer per step (on the CPU,
+    where no event says the device is busy) beside the decode steps of the running requests, its request
+    takes no decode row until the head has run, then its first token is fed on the device and read one step
+    later, as an in-flight token. Every request gets the tokens it gets alone."""
+    model = init_random(DEEP_LLAMA, 0, np.float64, np, std=STD)
+    pool = pool_of(model, 64)
+    sch = Scheduler(model, pool, max_num_seqs=4, max_num_batched_tokens=64, use_graphs=True,
+                    graph_backend=ReplayCapture(), interleave_prefill=True)  # fmt: skip
+    assert sch.overlap_host and sch.can_interleave
+    sch.add(sch.make_request("a", [1, 2, 3], max_new_tokens=12))
+    sch.add(sch.make_request("b", [4, 5], max_new_tokens=14))
+    got = [sch.step(), sch.step(), sch.step()]  # mixed (nothing runs yet: synchronous), then overlapped
+    assert [sch.last_step.kind, sch.kind_totals["mixed"]["steps"]] == ["overlapped", 1]
+    sch.add(sch.make_request("c", list(range(7, 20)), max_new_tokens=5))
+    got.append(sch.step())  # admits c into a job and launches its first layer after the decode step
+    st = sch.last_step
+    assert st.kind == "overlapped" and st.admitted == 1 and st.prefill_tokens == 13
+    assert st.decode_seqs == 2 and st.prefill_layers == 1 and sch._job is not None
+    c = sch.requests["c"]
+    assert c.status == "running" and sch._in_job(c)
+    for left in (3, 2, 1, 0):  # one layer per step, the decode batch without c
+        got.append(sch.step())
+        assert sch.last_step.kind == "overlapped" and sch.last_step.decode_seqs == 2
+        assert sch.last_step.prefill_layers == 1 and c.output == []
+        assert (sch._job.left if sch._job is not None else 0) == left
+    assert sch._job is None and sch._job_done is not None  # the head ran: c's first token is on its way
+    got.append(sch.step())  # c's first token fed on the device (row 2) and read while this step runs
+    assert sch.last_step.decode_seqs == 3 and len(c.output) == 1
+    assert [o.request_id for o in got[-1]].count("c") == 1 and sch._job_done is None
+    while sch.has_work:
+        got.append(sch.step())
+    finals = {o.request_id: o for step in got for o in step if o.finished}
+    assert finals["a"].token_ids == generate(model, [[1, 2, 3]], 12).token_ids[0]
+    assert finals["b"].token_ids == generate(model, [[4, 5]], 14).token_ids[0]
+    assert finals["c"].token_ids == generate(model, [list(range(7, 20))], 5).token_ids[0]
+    assert sch.totals["prefill_jobs"] == 1 and "admit" not in sch.sync_reasons
+    assert sch.totals["prompt_tokens_computed"] == 3 + 2 + 13 and pool.num_free_blocks == 64
+    assert sch._inflight is None and sch._job is None and sch._job_done is None
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_interleaved_prefill_equals_synchronous_admission(kind):
+    """Many admissions while decode overlaps (a queue longer than the batch, ragged lengths, requests that
+    end after their first token, sampled requests that must be admitted synchronously, a prompt longer than
+    the budget, prompts that share a prefix with the prefix cache on): with interleaved prefill, every request
+    gets the tokens of the synchronous admissions and of the request run alone, and the pool is whole."""
+    model = model_of(kind)
+    prompts, news = workload(24, model.vocab_size, seed=29, most_new=16)
+    news[5] = news[11] = 1  # finish on the token the job computes
+    prompts[9] = prompts[2] + [1, 2, 3]  # shares a prefix with an earlier prompt
+    prompts[14] = [t % model.vocab_size for t in range(40)]  # longer than the budget of 32: chunked
+    news[14] = 4
+    free = alone(model, prompts, news)
+    results = {}
+    for interleave in (False, True):
+        pool = pool_of(model, 64)  # prefix caching on (the default)
+        sch = Scheduler(model, pool, max_num_seqs=6, max_num_batched_tokens=32, use_graphs=True,
+                        graph_backend=ReplayCapture(), interleave_prefill=interleave,
+                        admit_batch=2)  # fmt: skip
+        streams = {}
+        for i, (p, n) in enumerate(zip(prompts, news, strict=True)):
+            streams[i] = []
+            params = SamplingParams(temperature=0.7, seed=i) if i in (7, 19) else None
+            sch.add(sch.make_request(i, p, params, max_new_tokens=n, on_output=streams[i].append))
+        finals = drain(sch)
+        for i in range(24):
+            streamed_once(streams[i], finals[i])
+        results[interleave] = [finals[i].token_ids for i in range(24)]
+        assert pool.num_free_blocks == 64 and len(pool) == 0 and pool.stats().prefix_hit_blocks > 0
+        assert sch._inflight is None and sch._job is None and sch._job_done is None
+        assert (sch.totals["prefill_jobs"] > 2) == interleave, sch.totals
+    assert results[True] == results[False]
+    for i in range(24):
+        if i not in (7, 19):
+            assert results[True][i] == free[i], i
+
+
+def test_abort_during_interleaved_prefill():
+    """Aborting a request whose prompt is half launched (its remaining layers are launched first, so its
+    blocks are written before anyone reuses them) and one whose first token is still on the device: both end
+    with "abort", the others keep their tokens, the pool is whole."""
+    model = init_random(DEEP_LLAMA, 0, np.float64, np, std=STD)
+    prompts, news = workload(10, model.vocab_size, seed=31, most_new=20)
+    news = [max(n, 6) for n in news]
+    expected = alone(model, prompts, news)
+    aborted = {}
+
+    def abort_two(sch):
+        job, done = sch._job, sch._job_done
+        if job is not None and 0 < job.left < model.num_layers and "mid" not in aborted:
+            r = job.reqs[-1]
+            aborted["mid"] = r.request_id
+            assert sch.abort(r.request_id) and r.status == "finished"
+            assert sch._job is None and sch._job_done is not None  # launched to the end
+        elif done is not None and "mid" in aborted and "first" not in aborted:
+            live = [r for r in done.reqs if r.status == "running"]
+            if live:
+                aborted["first"] = live[0].request_id
+                assert sch.abort(live[0].request_id)
+
+    pool = pool_of(model, 64)
+    finals, streams, sch = run_sched(model, pool, list(zip(prompts, news, strict=True)), True,
+                                     drive=lambda sch: drain(sch, before=abort_two), max_num_seqs=4,
+                                     admit_batch=2, max_num_batched_tokens=64,
+                                     interleave_prefill=True)  # fmt: skip
+    assert sorted(aborted) == ["first", "mid"] and sch.totals["prefill_jobs"] > 0
+    assert pool.num_free_blocks == 64 and len(pool) == 0 and sch._job_done is None
+    for i in range(10):
+        final = streams[i][-1]
+        streamed_once(streams[i], final)
+        if i in aborted.values():
+            assert final.finish_reason == "abort" and final.token_ids == []
+        else:
+            assert final.token_ids == expected[i], i
 
 
 def test_overlapped_abort_while_a_step_is_in_flight():
@@ -813,11 +953,13 @@ def make_pool_gpu(model, cp, blocks=64):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("interleave", [False, True])
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
-def test_gpu_overlapped_decode_stops_and_aborts(cp, kind):
-    """fp32 on the GPU with real CUDA graphs: overlapped decode (pinned reads, tokens fed on the device)
-    with stop tokens mid-batch and an abort while a step is in flight gives the synchronous scheduler's
-    tokens, which equal the CPU reference run alone; the pool is whole and nothing stays in flight."""
+def test_gpu_overlapped_decode_stops_and_aborts(cp, kind, interleave):
+    """fp32 on the GPU with real CUDA graphs: overlapped decode (pinned reads, tokens fed on the device),
+    with or without interleaved prefill (events, detached batches), with stop tokens mid-batch and an abort
+    while a step is in flight gives the synchronous scheduler's tokens, which equal the CPU reference run
+    alone; the pool is whole and nothing stays in flight."""
     cpu = model_of(kind)
     gpu = init_random(CONFIGS[kind], 0, np.float32, cp, std=STD)
     prompts, news = workload(12, cpu.vocab_size, seed=19, most_new=24)
@@ -829,7 +971,8 @@ def test_gpu_overlapped_decode_stops_and_aborts(cp, kind):
     results = {}
     for overlap in (False, True):
         pool = make_pool_gpu(gpu, cp, blocks=64)
-        sch = Scheduler(gpu, pool, max_num_seqs=8, max_num_batched_tokens=32, overlap_host=overlap)
+        sch = Scheduler(gpu, pool, max_num_seqs=8, max_num_batched_tokens=32, overlap_host=overlap,
+                        interleave_prefill=overlap and interleave)  # fmt: skip
         streams = {i: [] for i in range(12)}
         for i, (p, n) in enumerate(zip(prompts, news, strict=True)):
             sch.add(sch.make_request(i, p, max_new_tokens=n, stop=stops[i], on_output=streams[i].append))
@@ -844,6 +987,8 @@ def test_gpu_overlapped_decode_stops_and_aborts(cp, kind):
             sch.step()
             pool.check()
         assert pool.num_free_blocks == 64 and len(pool) == 0 and sch._inflight is None
+        assert sch._job is None and sch._job_done is None
+        assert (sch.totals["prefill_jobs"] > 0) == (overlap and interleave)
         finals = {i: streams[i][-1] for i in range(12)}
         for i in range(12):
             streamed_once(streams[i], finals[i])

@@ -86,6 +86,7 @@ def run_continuous(
         latency_p50=percentile(lat, 50), latency_p99=percentile(lat, 99),
         ttft_p50=percentile(ttft, 50), ttft_p99=percentile(ttft, 99),
         steps=t["steps"], preemptions=t["preempted_swap"] + t["preempted_recompute"],
+        prefill_jobs=t["prefill_jobs"],
         adaptive=engine.controller.state(), breakdown=sch.step_breakdown(),
         token_ids=[o.token_ids for o in outs],
     )  # fmt: skip

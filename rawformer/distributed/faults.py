@@ -35,6 +35,7 @@ RANK_DIR_ENV = "RAWFORMER_RANK_DIR"
 SOCKET_NAME = "alive.sock"
 _ALIVE: list[socket.socket] = []  # this process's connection to the launch wrapper, open until it exits
 DEFAULT_TIMEOUT_S = 300.0
+_FORWARD_GRACE_S = 0.5  # seconds between printing the timeout message and aborting the job
 
 
 class Watchdog:
@@ -135,6 +136,10 @@ class Watchdog:
                 pass
         if not self.abort:
             raise TimeoutError(msg)
+        # MPI_Abort makes the launcher kill every rank at once; MPICH's hydra proxy can act on the abort
+        # before it has forwarded the message still sitting in this rank's stderr pipe (a CI run lost it
+        # so). Give the launcher a moment to pass the message on first.
+        time.sleep(_FORWARD_GRACE_S)
         mpi().COMM_WORLD.Abort(75)
 
 

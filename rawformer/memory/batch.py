@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import types
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -77,6 +77,18 @@ class AttentionBatch:
         cu = np.asarray((self.host or self).cu_seqlens_q)
         q = np.diff(cu)
         return np.where(q > 0, cu[1:] - 1, -1).astype(np.int32)
+
+    def detached(self) -> AttentionBatch:
+        """A copy that owns its arrays (device and host), still valid after the pool's next `prepare`: for a
+        forward launched over several steps (the Scheduler's interleaved prefill). On the GPU the device
+        copies are queued on the current stream, after the upload that filled the step buffers."""
+        own = {name: getattr(self, name).copy() for name in FIELDS}
+        batch = replace(self, **own, host=None)
+        if self.host is None or self.host is self:
+            batch.host = None if self.host is None else batch
+        else:
+            batch.host = replace(self.host, **{name: getattr(self.host, name).copy() for name in FIELDS})
+        return batch
 
 
 FIELDS = ("tokens", "positions", "slot_mapping", "cu_seqlens_q", "context_lens", "block_tables")

@@ -61,9 +61,11 @@ class Engine:
     max_queue : most requests waiting to start (QueueFull beyond)
     adaptive : "fixed" | "latency" | "throughput" (rawformer.runtime.adaptive)
     target_ms : the controller's step-latency target (latency) or ceiling (throughput)
-    preemption, swap_space_bytes, use_graphs, split_prefill, admit_batch, overlap_host, graph_backend :
+    preemption, swap_space_bytes, use_graphs, split_prefill, admit_batch, overlap_host, interleave_prefill,
+    graph_backend :
         see Scheduler (overlap_host: greedy decode steps launched before the previous step's tokens are
-        read; streamed outputs then come one step after the device computed them)
+        read; streamed outputs then come one step after the device computed them; interleave_prefill:
+        prompts admitted meanwhile prefilled a few layers per decode step)
     name : the model's name (the server's /v1/models)
     """
 
@@ -86,6 +88,7 @@ class Engine:
         split_prefill: bool | None = None,
         admit_batch: int | None = None,
         overlap_host: bool | None = None,
+        interleave_prefill: bool = False,
         graph_backend: Any = None,
         name: str = "rawformer",
     ) -> None:
@@ -109,7 +112,7 @@ class Engine:
             model, pool, tokenizer, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
             controller=controller, preemption=preemption, swap_space_bytes=swap_space_bytes,
             use_graphs=use_graphs, split_prefill=split_prefill, admit_batch=admit_batch,
-            overlap_host=overlap_host, graph_backend=graph_backend,
+            overlap_host=overlap_host, interleave_prefill=interleave_prefill, graph_backend=graph_backend,
         )  # fmt: skip
         self.model = model
         self.tokenizer = tokenizer

@@ -79,16 +79,22 @@ class OverlappedDecode:
             return False
         inf = self._inflight
         prev = inf.rows if inf is not None else {}
+        done = self._job_done  # a finished prefill job: its requests' first tokens, still on the device
+        first = done.rows if done is not None else {}
         fed: list[Request] = []  # their new token is the in-flight step's output, still on the device
+        fresh: list[Request] = []  # their new token is the finished job's output, still on the device
         known: list[Request] = []  # their new token is output[-1] (read by a synchronous step)
         finishing = 0
         for r in self.running:
+            if self._in_job(r):
+                continue  # its prompt is being computed (runtime/interleave.py)
             p = r.params
             if not p.greedy or p.repetition_penalty != 1:
                 return self._no_overlap(stats, "sampling")  # sampling reads the logits on the host
-            if id(r) in prev:
+            src = prev if id(r) in prev else first if id(r) in first else None
+            if src is not None:
                 if self._runs_again(r):
-                    fed.append(r)
+                    (fed if src is prev else fresh).append(r)
                 else:
                     finishing += 1
             elif self._pending(r):
@@ -98,7 +104,8 @@ class OverlappedDecode:
         if self.preempted:
             return self._no_overlap(stats, "resume")
         fed.sort(key=lambda r: prev[id(r)])  # rows unchanged where nobody dropped out: a plain copy
-        launch = fed + known
+        fresh.sort(key=lambda r: first[id(r)])
+        launch = fed + fresh + known
         if not launch:
             return self._no_overlap(stats, "drain")
         max_seqs = min(self.max_num_seqs, self.controller.max_seqs)
@@ -112,20 +119,28 @@ class OverlappedDecode:
         need = self._blocks_for_decode(launch)
         if need > pool.num_free_blocks:
             return self._no_overlap(stats, "blocks")  # preemption: the synchronous path decides
-        if self.waiting and self._would_admit(len(self.running) - finishing, need, max_seqs, budget):
-            return self._no_overlap(stats, "admit")
-        n, k = len(launch), len(fed)
+        # admission: a prefill job launched over the next steps, or (no interleaving, or a request it cannot
+        # take) the synchronous path; while a job runs, the waiting requests wait for it
+        occupied = len(self.running) - finishing
+        if self.waiting and self._job is None and self._would_admit(occupied, need, max_seqs, budget):
+            if not self.interleave_prefill or not self._start_job(
+                stats, outputs, occupied, need, max_seqs, budget
+            ):
+                return self._no_overlap(stats, "admit")
+        n, k, f = len(launch), len(fed), len(fresh)
         stats.kind = "overlapped"
         stats.decode_seqs = n
         stats.saturated = bool(self.waiting or self.preempted)
         try:
             batch = pool.prepare(
-                [r.seq_id for r in launch], [[UNKNOWN_TOKEN]] * k + [[r.output[-1]] for r in known],
+                [r.seq_id for r in launch], [[UNKNOWN_TOKEN]] * (k + f) + [[r.output[-1]] for r in known],
                 pad_to=bucket, block_table_width=self._width() if bucket is not None else None,
                 unknown_tokens=True,
             )  # fmt: skip
             if k:  # the in-flight step's argmax -> this step's input ids, on the device, in stream order
                 feed_tokens(batch.tokens, inf.ids, [prev[id(r)] for r in fed], self.xp)
+            if f:  # the finished job's argmax -> the next rows
+                feed_tokens(batch.tokens[k:], done.ids, [first[id(r)] for r in fresh], self.xp)
             ids, stats.graph = self._run_decode(batch, n, True, bucket is not None)
             host, event = self._readback.start(ids, n)
         except Exception as exc:  # the in-flight tokens are good: read them, then fail this step's requests
@@ -138,15 +153,25 @@ class OverlappedDecode:
         self.totals["forwards"] += 1
         # the new step is in flight before the old one's tokens are read (whatever their callbacks do)
         self._inflight = InFlight(launch, ids, host, event, {id(r): i for i, r in enumerate(launch)})
+        self._job_done = None
+        # the device runs the step before this one: meanwhile the host launches prefill layers
+        self._advance_job(inf.event if inf is not None else None, stats, outputs)
         if inf is not None:
             self._read(inf, stats, outputs)  # while the device runs the step just launched
+        if done is not None:
+            self._read(done, stats, outputs)
         return True
 
     def _resolve(self, stats: StepStats, outputs: list[RequestOutput]) -> None:
-        """Read and accept the tokens of the step in flight, if any (nothing is in flight afterwards)."""
+        """Read and accept the tokens of the step in flight and of a prefill job (its remaining layers
+        launched first), if any: nothing is in flight afterwards."""
         inf, self._inflight = self._inflight, None
         if inf is not None:
             self._read(inf, stats, outputs)
+        self._flush_job(stats, outputs)
+        done, self._job_done = self._job_done, None
+        if done is not None:
+            self._read(done, stats, outputs)
 
     def _read(self, inf: InFlight, stats: StepStats, outputs: list[RequestOutput]) -> None:
         """Read the tokens of a launched step and accept them: stops, streaming, finishing."""
@@ -163,12 +188,14 @@ class OverlappedDecode:
         stats.post_s += time.perf_counter() - t1
 
     def _settle(self) -> None:
-        """Drop a step in flight none of whose requests is still running (they stopped one step late or were
-        aborted), once the device is done with it: its blocks are free and may go to other work, e.g. a
-        Generator on another stream sharing the pool, which stream order does not protect."""
-        inf = self._inflight
-        if inf is None or any(r.status == "running" for r in inf.reqs):
-            return
-        self._inflight = None
-        if inf.event is not None:
-            inf.event.synchronize()
+        """Drop a step in flight (or a finished prefill job's first tokens) none of whose requests is still
+        running (they stopped one step late or were aborted), once the device is done with it: its blocks
+        are free and may go to other work, e.g. a Generator on another stream sharing the pool, which stream
+        order does not protect."""
+        for name in ("_inflight", "_job_done"):
+            inf = getattr(self, name)
+            if inf is None or any(r.status == "running" for r in inf.reqs):
+                continue
+            setattr(self, name, None)
+            if inf.event is not None:
+                inf.event.synchronize()

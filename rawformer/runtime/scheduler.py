@@ -32,7 +32,9 @@ admission order) and `preempted` (taken off the GPU, ordered by arrival). Every 
 
 Overlapped decode (`overlap_host`, the default wherever decode steps are padded to graph buckets): a pure
 greedy decode step is launched before the previous step's tokens reach the host (runtime/overlap.py says how,
-and what that changes); any other step first resolves the step in flight and then runs synchronously.
+and what that changes); any other step first resolves the step in flight and then runs synchronously. With
+`interleave_prefill`, greedy prompts admitted meanwhile are prefilled a few layers per overlapped step
+(runtime/interleave.py) instead of in a synchronous step.
 
 Per step, `last_step` (summed in `kind_totals`, `step_breakdown()`) records its kind (overlapped | graph |
 eager | mixed | idle), the host time up to the launch, the time blocked on the device and the time spent on
@@ -66,6 +68,7 @@ from rawformer.memory import KVPool, OutOfBlocks, SequenceTooLong
 from rawformer.runtime.adaptive import AdaptiveBatcher
 from rawformer.runtime.cuda_graphs import DEFAULT_BUCKETS, DecodeGraphs, GraphCaptureError, bucket_for
 from rawformer.runtime.generate import _model_limit, _split_stop
+from rawformer.runtime.interleave import InterleavedPrefill, PrefillJob
 from rawformer.runtime.overlap import InFlight, OverlappedDecode
 from rawformer.runtime.sampler import SamplingParams, sample_tokens
 from rawformer.runtime.token_feed import TokenReadback
@@ -160,6 +163,7 @@ class StepStats:
     wait_s: float = 0.0  # blocked on the device: until the tokens read this step were on the host
     post_s: float = 0.0  # after that: accepting tokens, stops, detokenizing, callbacks, freeing
     sync_reason: str | None = None  # why a decode step did not overlap (None: it did, or overlap is off)
+    prefill_layers: int = 0  # layers of an interleaved prefill job launched in this step
 
     @property
     def tokens(self) -> int:
@@ -196,7 +200,7 @@ def water_fill(pending: Sequence[int], budget: int) -> int:
     return lo
 
 
-class Scheduler(OverlappedDecode):
+class Scheduler(OverlappedDecode, InterleavedPrefill):
     """Continuous batching of requests over one model and one KVPool (see the module docstring).
 
     Parameters
@@ -219,6 +223,9 @@ class Scheduler(OverlappedDecode):
         where a forward's launch overhead is worth amortising; 1 on the CPU)
     overlap_host : overlapped greedy decode steps (module docstring; default: wherever decode steps are
         padded to buckets, i.e. on the GPU); False: every step reads its tokens before the next is prepared
+    interleave_prefill : an admission during overlapped decode launches the prompts' prefill a few layers
+        per decode step (runtime/interleave.py); needs overlap_host and a model with forward_layers. Off by
+        default: not yet measured on the GPU
     """
 
     def __init__(
@@ -239,6 +246,7 @@ class Scheduler(OverlappedDecode):
         graph_backend: Any = None,
         admit_batch: int | None = None,
         overlap_host: bool | None = None,
+        interleave_prefill: bool = False,
     ) -> None:
         for attr in ("forward", "num_layers", "num_kv_heads", "head_dim", "vocab_size", "dtype", "xp"):
             if not hasattr(model, attr):
@@ -294,6 +302,17 @@ class Scheduler(OverlappedDecode):
         self.admit_batch = admit_batch
         self.overlap_host = self.pad if overlap_host is None else bool(overlap_host)
         self._inflight: InFlight | None = None  # the overlapped step whose tokens are not read yet
+        # off by default until the GPU measures it faster than synchronous admissions (runtime/interleave.py)
+        self.can_interleave = self.overlap_host and hasattr(model, "forward_layers")
+        if interleave_prefill and not self.can_interleave:
+            raise ValueError(
+                "Scheduler: interleave_prefill needs overlap_host and a model with forward_layers "
+                f"(overlap_host={self.overlap_host}, {type(model).__name__})"
+            )
+        self.interleave_prefill = bool(interleave_prefill)
+        self._job: PrefillJob | None = None  # the interleaved prefill job with layers left to launch
+        self._job_done: InFlight | None = None  # a finished job: its first tokens, not read yet
+        self._job_readback = TokenReadback(self.xp, self.max_num_seqs)
         self._readback = TokenReadback(self.xp, self.max_num_seqs)  # overlapped steps' ids to the host
         self.stream = self.xp.cuda.Stream(non_blocking=True) if self.is_gpu else None
         self.waiting: deque[Request] = deque()
@@ -303,7 +322,7 @@ class Scheduler(OverlappedDecode):
         self.last_step = StepStats()
         self.totals = dict(
             steps=0, forwards=0, preempted_swap=0, preempted_recompute=0, resumed=0, admitted=0,
-            prompt_tokens_computed=0, generated_tokens=0, finished=0, aborted=0, errors=0,
+            prompt_tokens_computed=0, generated_tokens=0, finished=0, aborted=0, errors=0, prefill_jobs=0,
         )  # fmt: skip
         self.kind_totals: dict[str, dict[str, float]] = {}
         self.sync_reasons: dict[str, int] = {}
@@ -365,6 +384,8 @@ class Scheduler(OverlappedDecode):
         req = self.requests.get(request_id)
         if req is None or req.finished:
             return False
+        if self._in_job(req):  # the job's remaining layers write its blocks: launch them before freeing
+            self._flush_job(StepStats(), [])
         if req.status == "waiting":
             self.waiting.remove(req)
         elif req.status == "running":
@@ -651,6 +672,17 @@ class Scheduler(OverlappedDecode):
         self.running.append(req)
         return True
 
+    def _admit_first(self, reserve: int) -> Request | None:
+        """Start the first waiting request if the free blocks hold its whole prompt with `reserve` blocks
+        kept aside (this step's decode appends and the watermark); it, or None with nothing changed."""
+        req = self.waiting[0]
+        if math.ceil(len(req.prompt) / self.pool.block_size) + reserve > self.pool.num_free_blocks:
+            return None
+        if not self._start(req, req.prompt):
+            return None
+        self.waiting.popleft()
+        return req
+
     def step(self) -> list[RequestOutput]:
         """One iteration (module docstring); the outputs of every request that sampled or finished (with
         overlapped decode: the tokens of the step launched by the previous call)."""
@@ -773,12 +805,9 @@ class Scheduler(OverlappedDecode):
         if self.running and free_slots < min(self.admit_batch, len(self.waiting)):
             blocked = True
         while self.waiting and not blocked and len(self.running) < max_seqs and left > 0:
-            req = self.waiting[0]
-            if math.ceil(len(req.prompt) / pool.block_size) + reserve > pool.num_free_blocks:
+            req = self._admit_first(reserve)
+            if req is None:
                 break
-            if not self._start(req, req.prompt):
-                break
-            self.waiting.popleft()
             prefill.append(req)
             left -= self._pending(req)
             stats.admitted += 1
