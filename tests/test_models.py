@@ -148,6 +148,32 @@ def test_last_only(kind):
         close(logits[r], reference_logits(kind, w, cfg, s)[-1], np.float64)
 
 
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_forward_layers_is_forward_one_layer_at_a_time(kind):
+    """The generator yields each layer's index once its work is launched (K/V of that layer written, the
+    later layers' not yet), and returns the logits forward gives."""
+    cfg = GPT2_TINY if kind == "gpt2" else LLAMA_TINY
+    model, w = build(kind, cfg)
+    pool, arena = MiniPool(48, 8), arena_for(model)
+    seqs = [[3, 1, 4, 1, 5], [9, 2]]
+    batch = pool.prepare([0, 1], seqs)
+    slots = np.asarray(batch.slot_mapping)
+    steps = model.forward_layers(batch, arena, last_only=True)
+
+    def cached(layer):  # the new tokens' K in the (NaN-filled) cache of a layer
+        return arena.k(layer).reshape(-1, model.num_kv_heads, model.head_dim)[slots]
+
+    for layer in range(model.num_layers):
+        assert next(steps) == layer
+        assert np.isfinite(cached(layer)).all()  # this layer's K/V are written
+        if layer + 1 < model.num_layers:  # the next layer's not yet
+            assert np.isnan(cached(layer + 1)).all()
+    with pytest.raises(StopIteration) as stop:
+        next(steps)
+    for r, s in enumerate(seqs):
+        close(stop.value.value[r], reference_logits(kind, w, cfg, s)[-1], np.float64)
+
+
 @pytest.mark.parametrize("kv_heads", [4, 2, 1])
 def test_llama_gqa(kv_heads):
     cfg = LlamaConfig(

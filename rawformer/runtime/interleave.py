@@ -23,7 +23,9 @@ With `interleave_prefill` (Scheduler / Engine option; it needs overlapped decode
 
 Members of a running job take no decode step. Whatever needs every token on the host (a synchronous step) or
 must free a member's blocks (abort) first launches the job's remaining layers: they write the members' K/V,
-so the blocks are reused only after them, in stream order.
+so the blocks are reused only after them, in stream order. One job runs at a time and nothing is admitted
+beside it (the synchronous path launches its remaining layers first), so no prompt can hit the prefix cache
+on blocks whose K/V a job has not written yet: the pool registers a prompt's blocks when it prepares them.
 
 Off by default: the CPU tests check its tokens against synchronous admissions, but whether it is faster on
 the GPU (decode steps wait behind prefill layers, and a job's slots idle until its head has run) has not been
