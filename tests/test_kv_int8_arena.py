@@ -1,16 +1,13 @@
 """The INT8 KV cache as a pool option: rawformer.memory.int8_arena.Int8KVArena under KVPool (sizes, fork /
 copy-on-write and swap moving the scales with the int8 values) and models/int8_kv.py's attention in the
-three step plans (prefill, decode, gather) against float64 references over the dequantized cache. The
-model-level tests (greedy generation vs the float cache) run once models/llama.py and models/gpt2.py take
-the arena (the forward edit described in models/int8_kv.py)."""
+three step plans (prefill, decode, gather) against float64 references over the dequantized cache, and the
+models over it (greedy generation vs the float cache)."""
 
 from __future__ import annotations
 
-import inspect
-
 import numpy as np
 import pytest
-from rawformer.models import GPT2Config, LlamaConfig, gpt2, init_random, llama
+from rawformer.models import GPT2Config, LlamaConfig, init_random
 from rawformer.models.common import plan_step
 from rawformer.models.int8_kv import int8_kv_attention
 
@@ -184,10 +181,7 @@ def test_attention_in_every_plan():
         np.testing.assert_array_equal(kc.reshape(-1, kv_heads, d)[slots], fake_quantize_kv(k))
 
 
-# ---- model level (once the forward steps take the arena) -------------------------------------------------
-
-WIRED = all("int8_kv" in inspect.getsource(m.forward) for m in (llama.LlamaModel, gpt2.GPT2Model))
-needs_wiring = pytest.mark.skipif(not WIRED, reason="models/llama.py / gpt2.py forward do not take it yet")
+# ---- model level ----------------------------------------------------------------------------------------
 
 MODELS = {
     "llama": LlamaConfig(
@@ -222,7 +216,6 @@ def forced_logits(model, pool, prompt, tokens):
     return np.concatenate(out).astype(np.float64)
 
 
-@needs_wiring
 @pytest.mark.parametrize("name", list(MODELS))
 def test_greedy_generation_cpu(name):
     """Greedy decoding over the INT8 cache vs the float cache (CPU float64 references): the same first
@@ -243,7 +236,6 @@ def test_greedy_generation_cpu(name):
 
 
 @pytest.mark.gpu
-@needs_wiring
 @pytest.mark.parametrize("name", list(MODELS))
 def test_greedy_generation_gpu(cp, name):
     """float16 on the GPU: paged_attention_int8 in decode; greedy tokens equal the float16 cache's for the
