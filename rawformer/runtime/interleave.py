@@ -54,8 +54,7 @@ class PrefillJob:
 
     reqs: list[Request]
     members: set[int]  # id() of each request
-    batch: Any  # the detached AttentionBatch the layers read until the end
-    layers: Iterator[int]  # model.forward_layers(batch, arena, last_only=True)
+    layers: Iterator[int]  # model.forward_layers(batch, arena, last_only=True) over a detached batch
     left: int  # layers not launched yet
 
 
@@ -104,19 +103,21 @@ class InterleavedPrefill:
         except Exception as exc:  # these requests fail; the decode step goes on
             self._fail(admitted, exc, outputs)
             return True
-        self._job = PrefillJob(admitted, {id(r) for r in admitted}, batch, layers, self.model.num_layers)
+        self._job = PrefillJob(admitted, {id(r) for r in admitted}, layers, self.model.num_layers)
         return True
 
-    def _advance_job(self, busy: Any, stats: StepStats, outputs: list[RequestOutput]) -> None:
+    def _advance_job(
+        self, busy: Any, stats: StepStats, outputs: list[RequestOutput], to_end: bool = False
+    ) -> None:
         """Launch the next layers of the running job: one, then more while `busy` (the event after the step
-        launched before this one; None on the CPU) says the device has not caught up. After the last layer,
-        the head and the first tokens' read-back."""
+        launched before this one; None on the CPU) says the device has not caught up, or all with `to_end`.
+        After the last layer, the head and the first tokens' read-back."""
         job = self._job
         if job is None:
             return
         n = 0
         try:
-            while job.left and (n == 0 or (busy is not None and not busy.done)):
+            while job.left and (to_end or n == 0 or (busy is not None and not busy.done)):
                 next(job.layers)
                 job.left -= 1
                 n += 1
@@ -138,17 +139,5 @@ class InterleavedPrefill:
 
     def _flush_job(self, stats: StepStats, outputs: list[RequestOutput]) -> None:
         """Launch every layer the running job has left, and its head (nothing is read)."""
-        job = self._job
-        if job is None:
-            return
-        ctx = self.stream if self.stream is not None else contextlib.nullcontext()
-        try:
-            with ctx:
-                while job.left:
-                    next(job.layers)
-                    job.left -= 1
-                    stats.prefill_layers += 1
-                self._job_head(job)
-        except Exception as exc:
-            self._job = None
-            self._fail(job.reqs, exc, outputs)
+        with self.stream if self.stream is not None else contextlib.nullcontext():
+            self._advance_job(None, stats, outputs, to_end=True)
