@@ -41,8 +41,6 @@ from rawformer.models.common import random_weights
 from rawformer.models.quantize import quantize_model
 
 from rawformer import backend
-from rawformer.memory import KVPool
-from rawformer.memory.int8_arena import Int8KVArena
 from rawformer.runtime import make_pool
 
 CONFIGS: dict[str, tuple[Any, float]] = {  # name -> (config, weight std)
@@ -76,20 +74,10 @@ ACCEPT_PPL = 0.01  # INT8 weights: perplexity at most 1% above fp16's (issue 9, 
 def pool_for(model: Any, seqs: int, length: int, block_size: int = 16, kv8: bool = False) -> Any:
     """A pool (the model's dtype and device, no prefix caching) holding `seqs` sequences of `length`; kv8:
     over an Int8KVArena (int8 K / V + an fp16 scale per token and head) instead of the float cache."""
-    blocks = seqs * math.ceil(length / block_size)
-    if kv8:
-        arena = Int8KVArena(
-            model.num_layers,
-            model.num_kv_heads,
-            model.head_dim,
-            model.dtype,
-            block_size,
-            num_blocks=blocks,
-            xp=model.xp,
-        )
-        return KVPool(arena, max_seq_len=length, prefix_caching=False)
+    blocks = seqs * math.ceil(length / block_size)  # each sequence's last block may be partly filled
     return make_pool(
         model, blocks * block_size, block_size=block_size, prefix_caching=False, max_seq_len=length,
+        kv_int8=kv8,
     )  # fmt: skip
 
 

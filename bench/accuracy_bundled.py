@@ -67,13 +67,11 @@ from typing import Any
 
 import harness
 import numpy as np
+from accuracy import all_logits, log_softmax64, pool_for
 from rawformer.models.common import MAX_DECODE_Q
 
 import rawformer as rf
 from rawformer import backend
-from rawformer.memory import KVPool
-from rawformer.memory.int8_arena import Int8KVArena
-from rawformer.runtime import make_pool
 
 MODEL = harness.REPO_ROOT / "models" / "stdlib-gpt.onnx"
 ACCEPT_PPL = 0.01  # issue 9: INT8 weights <= +1% perplexity; an INT8 KV cache <= +1% more
@@ -174,35 +172,19 @@ def held_out_windows(tcfg: Any, which: str) -> tuple[np.ndarray, dict[str, Any]]
 # ---- scoring -----------------------------------------------------------------------------------------------
 
 
-def pool_for(model: Any, seqs: int, length: int, kv8: bool, block_size: int = 16) -> KVPool:
-    """A pool for `seqs` sequences of `length` tokens: the float cache runtime.make_pool builds, or an
-    Int8KVArena of the same geometry (compute dtype = the model's)."""
-    blocks = seqs * math.ceil(length / block_size)  # each sequence's last block may be partly filled
-    if not kv8:
-        return make_pool(
-            model, blocks * block_size, block_size=block_size, prefix_caching=False, max_seq_len=length
-        )
-    arena = Int8KVArena(
-        model.num_layers, model.num_kv_heads, model.head_dim, model.dtype, block_size, num_blocks=blocks,
-        xp=model.xp,
-    )  # fmt: skip
-    return KVPool(arena, max_seq_len=length, prefix_caching=False)
-
-
 def window_logits(model: Any, inputs: np.ndarray, v: Variant, step: int) -> np.ndarray:
     """float64 (B, P, V) logits of every position of B input windows (B, P), scored as `v` says (module
     docstring: one prefill step, or a one-token prefill then chunks of `step` read from the cache)."""
     from rawformer.models.common import plan_step
 
+    if v.scoring == "prefill":
+        return all_logits(model, inputs)
     b, p = inputs.shape
-    pool = pool_for(model, b, p, v.kv8)
+    pool = pool_for(model, b, p, kv8=v.kv8)
     arena = pool.arena
     ids = list(range(b))
     for i in ids:
         pool.add_sequence(i, [int(t) for t in inputs[i]])
-    if v.scoring == "prefill":
-        logits = model.forward(pool.prepare(ids), arena)  # (B P, V)
-        return backend.to_numpy(logits).astype(np.float64).reshape(b, p, -1)
     out = np.empty((b, p, model.vocab_size))
     done = 0
     while done < p:
@@ -216,11 +198,6 @@ def window_logits(model: Any, inputs: np.ndarray, v: Variant, step: int) -> np.n
         out[:, done : done + n] = backend.to_numpy(logits).astype(np.float64).reshape(b, n, -1)
         done += n
     return out
-
-
-def log_softmax64(z: np.ndarray) -> np.ndarray:
-    m = z.max(axis=-1, keepdims=True)
-    return z - m - np.log(np.exp(z - m).sum(axis=-1, keepdims=True))
 
 
 def window_stats(ref: np.ndarray, out: np.ndarray, targets: np.ndarray) -> dict[str, np.ndarray | float]:

@@ -15,7 +15,8 @@ VARIANTS = ["fp64", "int8", "int8-g128", "fp64 steps", "fp64 kv8", "int8 steps",
 
 @pytest.fixture(scope="module")
 def ab():
-    load("harness")  # imported by name by the script
+    for name in ("harness", "e2e", "accuracy"):  # imported by name by the script
+        load(name)
     return load("accuracy_bundled")
 
 

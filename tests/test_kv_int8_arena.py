@@ -14,7 +14,7 @@ from rawformer.models.int8_kv import int8_kv_attention
 from rawformer.memory import KVArena, KVPool
 from rawformer.memory.int8_arena import Int8KVArena
 from rawformer.ops.kv_int8 import fake_quantize_kv, kv_write_int8
-from rawformer.runtime.generate import generate
+from rawformer.runtime.generate import generate, make_pool
 
 BS = 4  # tokens per block: small, so that sequences span several blocks
 
@@ -198,10 +198,7 @@ MODELS = {
 
 
 def pools(model, tokens=96):
-    args = (model.num_layers, model.num_kv_heads, model.head_dim, model.dtype, 16)
-    f = KVArena(*args, num_blocks=tokens // 16, xp=model.xp)
-    q = Int8KVArena(*args, num_blocks=tokens // 16, xp=model.xp)
-    return KVPool(f, max_seq_len=tokens), KVPool(q, max_seq_len=tokens)
+    return tuple(make_pool(model, tokens, max_seq_len=tokens, kv_int8=q) for q in (False, True))
 
 
 def forced_logits(model, pool, prompt, tokens):

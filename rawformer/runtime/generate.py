@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 
 from rawformer import backend
-from rawformer.memory import KVArena, KVPool, OutOfBlocks, SequenceTooLong
+from rawformer.memory import Int8KVArena, KVArena, KVPool, OutOfBlocks, SequenceTooLong
 from rawformer.memory.pool import UNKNOWN_TOKEN
 from rawformer.runtime.cuda_graphs import (
     DEFAULT_BUCKETS,
@@ -131,17 +131,23 @@ def make_pool(
     block_size: int = 16,
     prefix_caching: bool = True,
     max_seq_len: int | None = None,
+    kv_int8: bool = False,
 ) -> KVPool:
     """A KVPool with an arena for `max_tokens` tokens of `model` (its layers, kv heads, head dim, dtype and
-    device), at least one sequence of the model's full length."""
+    device), at least one sequence of the model's full length. kv_int8: an Int8KVArena (int8 K / V and an
+    fp16 scale per token and head, read by the INT8 attention kernels) instead of the float cache."""
     limit = _model_limit(model)
     if max_seq_len is None:
         max_seq_len = min(limit, max(max_tokens, 1)) if limit else max(max_tokens, 1)
     blocks = max(math.ceil(max_tokens / block_size), math.ceil(max_seq_len / block_size))
     if hasattr(model, "make_arena"):  # a model with a cache of its own layout (MLA: latents + rope keys)
+        if kv_int8:
+            raise ValueError(
+                f"make_pool: kv_int8 needs a K/V cache; {type(model).__name__} has its own layout"
+            )
         arena = model.make_arena(block_size, num_blocks=blocks)
     else:
-        arena = KVArena(
+        arena = (Int8KVArena if kv_int8 else KVArena)(
             model.num_layers, model.num_kv_heads, model.head_dim, model.dtype, block_size,
             num_blocks=blocks, xp=model.xp,
         )  # fmt: skip
