@@ -255,12 +255,15 @@ def score(
 ) -> list[dict]:
     """Load every variant, score all windows batch by batch (the reference first in each batch) and return
     the records of summarize()."""
+    loaded: dict[tuple, Any] = {}  # one model per (weights dtype, quantize): the forwards keep no state
     models = {}
     for v in vs:  # verify (native vs the ONNX executor on probe tokens) once: the others are the same file
-        lm = rf.load(
-            model_path, native=True, dtype=v.dtype, device=device, verify=v is vs[0], quantize=v.quantize
-        )
-        models[v.name] = lm.model
+        key = (np.dtype(v.dtype), v.quantize)
+        if key not in loaded:
+            loaded[key] = rf.load(
+                model_path, native=True, dtype=v.dtype, device=device, verify=not loaded, quantize=v.quantize
+            ).model
+        models[v.name] = loaded[key]
     inputs, targets = windows[:, :positions], windows[:, 1 : positions + 1]
     per: dict[str, dict[str, list]] = {v.name: {"nll": [], "kl": [], "top1": [], "err": []} for v in vs}
     secs = dict.fromkeys(models, 0.0)
