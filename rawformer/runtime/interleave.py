@@ -79,8 +79,7 @@ class InterleavedPrefill:
         left = max(budget - occupied, budget // 4)  # as the synchronous path: prefill keeps a quarter
         admitted: list[Request] = []
         while self.waiting and occupied + len(admitted) < max_seqs:
-            p = self.waiting[0].params
-            if not p.greedy or p.repetition_penalty != 1 or len(self.waiting[0].prompt) > left:
+            if not self._greedy([self.waiting[0]]) or len(self.waiting[0].prompt) > left:
                 break
             req = self._admit_first(reserve)
             if req is None:

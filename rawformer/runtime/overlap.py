@@ -19,7 +19,6 @@ exactly once, in order.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -60,13 +59,11 @@ class OverlappedDecode:
     def _would_admit(self, occupied: int, need: int, max_seqs: int, budget: int) -> bool:
         """Whether the synchronous path would admit the first waiting request now (its admission rules, with
         `occupied` batch slots and `need` blocks for the decode appends)."""
-        free_slots = max_seqs - occupied
-        if free_slots <= 0 or budget - occupied <= 0:
-            return False
-        if occupied and free_slots < min(self.admit_batch, len(self.waiting)):
-            return False
-        blocks = math.ceil(len(self.waiting[0].prompt) / self.pool.block_size)
-        return blocks + need + self.watermark_blocks <= self.pool.num_free_blocks
+        return (
+            budget - occupied > 0
+            and self._admit_room(occupied, max_seqs)
+            and self._prompt_fits(self.waiting[0], need + self.watermark_blocks)
+        )
 
     def _no_overlap(self, stats: StepStats, reason: str) -> bool:
         stats.sync_reason = reason
@@ -88,8 +85,7 @@ class OverlappedDecode:
         for r in self.running:
             if self._in_job(r):
                 continue  # its prompt is being computed (runtime/interleave.py)
-            p = r.params
-            if not p.greedy or p.repetition_penalty != 1:
+            if not self._greedy([r]):
                 return self._no_overlap(stats, "sampling")  # sampling reads the logits on the host
             src = prev if id(r) in prev else first if id(r) in first else None
             if src is not None:

@@ -594,10 +594,9 @@ class Scheduler(OverlappedDecode, InterleavedPrefill):
         ids = [r.seq_id for r in reqs]
         toks = [[r.output[-1]] for r in reqs]
         bucket = bucket_for(n, self.buckets) if self.pad else None
-        if bucket is None:
-            return self._run_decode(self.pool.prepare(ids, toks), n, greedy, False)
-        batch = self.pool.prepare(ids, toks, pad_to=bucket, block_table_width=self._width())
-        return self._run_decode(batch, n, greedy, True)
+        width = self._width() if bucket is not None else None
+        batch = self.pool.prepare(ids, toks, pad_to=bucket, block_table_width=width)
+        return self._run_decode(batch, n, greedy, bucket is not None)
 
     def _forward(
         self, decode: list[Request], prefill: list[Request], chunk: int, stats: StepStats
@@ -617,7 +616,7 @@ class Scheduler(OverlappedDecode, InterleavedPrefill):
                 max_prompt_tokens=chunk if prefill else None,
             )  # fmt: skip
             out.append((reqs, self.model.forward(batch, self.arena, last_only=True), False))
-            stats.kind = "mixed" if prefill else "eager"
+            stats.kind = "mixed"  # decodes alone took the branch above
         return out
 
     def _take(
@@ -672,13 +671,22 @@ class Scheduler(OverlappedDecode, InterleavedPrefill):
         self.running.append(req)
         return True
 
+    def _prompt_fits(self, req: Request, reserve: int) -> bool:
+        """Whether the free blocks hold the request's whole prompt with `reserve` blocks kept aside (this
+        step's decode appends and the watermark)."""
+        return math.ceil(len(req.prompt) / self.pool.block_size) + reserve <= self.pool.num_free_blocks
+
+    def _admit_room(self, occupied: int, max_seqs: int) -> bool:
+        """Whether the batch takes new requests with `occupied` slots taken: a slot is free and, while the
+        batch is busy and a queue waits, admit_batch of them (or as many as wait)."""
+        free = max_seqs - occupied
+        return free > 0 and not (occupied and free < min(self.admit_batch, len(self.waiting)))
+
     def _admit_first(self, reserve: int) -> Request | None:
-        """Start the first waiting request if the free blocks hold its whole prompt with `reserve` blocks
-        kept aside (this step's decode appends and the watermark); it, or None with nothing changed."""
+        """Start the first waiting request if its prompt fits (_prompt_fits); it, or None with nothing
+        changed."""
         req = self.waiting[0]
-        if math.ceil(len(req.prompt) / self.pool.block_size) + reserve > self.pool.num_free_blocks:
-            return None
-        if not self._start(req, req.prompt):
+        if not self._prompt_fits(req, reserve) or not self._start(req, req.prompt):
             return None
         self.waiting.popleft()
         return req
@@ -801,8 +809,7 @@ class Scheduler(OverlappedDecode, InterleavedPrefill):
         # admit_batch slots are free (one prefill forward for several prompts, not one per finished request)
         prefill = [r for r in self.running if self._pending(r) > 0]
         left = budget - len(decode) - sum(self._pending(r) for r in prefill)
-        free_slots = max_seqs - len(self.running)
-        if self.running and free_slots < min(self.admit_batch, len(self.waiting)):
+        if not self._admit_room(len(self.running), max_seqs):
             blocked = True
         while self.waiting and not blocked and len(self.running) < max_seqs and left > 0:
             req = self._admit_first(reserve)
