@@ -57,7 +57,7 @@ from rawformer.runtime.cuda_graphs import (
     bucket_for,
 )
 from rawformer.runtime.sampler import Sampler, SamplingParams
-from rawformer.runtime.token_feed import TokenReadback, decodes_again, feed_tokens
+from rawformer.runtime.token_feed import InFlight, TokenReadback, decodes_again, feed_tokens
 
 __all__ = ["Generation", "GenerationResult", "Generator", "embed", "encode_prompts", "generate", "make_pool"]
 
@@ -492,8 +492,7 @@ class Generator:
         in (the same bucketed shapes as `_decode_steps`), so the results equal that loop's.
         """
         pool, xp = self.pool, self.xp
-        # the step whose tokens are on their way to the host: (requests, device ids, host ids, event)
-        inflight: tuple[list[_Request], Any, Any, Any] | None = None
+        inflight: InFlight | None = None  # the step whose tokens are on their way to the host
         prev_rows: dict[int, int] = {}  # id(request) -> its row in the in-flight step
         if self._readback is None:  # kept across calls: its pinned buffers are allocated once
             self._readback = TokenReadback(xp, self.max_batch)
@@ -507,24 +506,19 @@ class Generator:
             launch = fed + known
             nxt = None
             if launch:
-                n = len(launch)
-                bucket = bucket_for(n, self.buckets)
+                bucket = bucket_for(len(launch), self.buckets)
                 new = [[UNKNOWN_TOKEN]] * len(fed) + [[r.tokens[-1]] for r in known]
                 batch = self._prepare_decode(
                     step, [r.seq_id for r in launch], new, pad_to=bucket, block_table_width=width,
                     unknown_tokens=True,
                 )  # fmt: skip
                 if fed:  # the previous step's argmax -> this step's input ids, on the device
-                    feed_tokens(batch.tokens, inflight[1], [prev_rows[id(r)] for r in fed], xp)
-                ids = self._decode(batch, greedy=True)
-                host, done = self._readback.start(ids, n)
-                nxt = (launch, ids, host, done)
+                    feed_tokens(batch.tokens, inflight.ids, [prev_rows[id(r)] for r in fed], xp)
+                nxt = self._readback.start(launch, self._decode(batch, greedy=True))
                 step += 1
             if inflight is not None:  # step n's tokens, while step n+1 runs
-                reqs, _, host, done = inflight
-                if done is not None:
-                    done.synchronize()
-                toks = host[: len(reqs)].tolist()
+                reqs = inflight.reqs
+                toks = inflight.tokens()
                 kept = [(r, t) for r, t in zip(reqs, toks, strict=True) if r.finish is None]
                 sampler.observe([rows[r.seq_id] for r, _ in kept], [[t] for _, t in kept])
                 for r, t in kept:
@@ -536,7 +530,7 @@ class Generator:
             if nxt is None:
                 break
             inflight = nxt
-            prev_rows = {id(r): i for i, r in enumerate(nxt[0])}
+            prev_rows = nxt.rows
         return step
 
     def _prepare_decode(self, step: int, seq_ids: list[Any], new: list[list[int]], **kw: Any) -> Any:

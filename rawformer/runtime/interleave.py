@@ -40,7 +40,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from rawformer.models.common import run_layers
-from rawformer.runtime.overlap import InFlight
 
 if TYPE_CHECKING:
     from rawformer.runtime.scheduler import Request, RequestOutput, StepStats
@@ -132,9 +131,8 @@ class InterleavedPrefill:
         (without blocking)."""
         logits = run_layers(job.layers)  # (S, V): the last row of each prompt
         ids = logits.argmax(axis=1)
-        host, event = self._job_readback.start(ids, len(job.reqs))
         self._job = None
-        self._job_done = InFlight(job.reqs, ids, host, event, {id(r): i for i, r in enumerate(job.reqs)})
+        self._job_done = self._job_readback.start(job.reqs, ids)
 
     def _flush_job(self, stats: StepStats, outputs: list[RequestOutput]) -> None:
         """Launch every layer the running job has left, and its head (nothing is read)."""

@@ -20,31 +20,16 @@ exactly once, in order.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from rawformer.memory.pool import UNKNOWN_TOKEN
 from rawformer.runtime.cuda_graphs import bucket_for
-from rawformer.runtime.token_feed import decodes_again, feed_tokens
+from rawformer.runtime.token_feed import InFlight, decodes_again, feed_tokens
 
 if TYPE_CHECKING:
     from rawformer.runtime.scheduler import Request, RequestOutput, StepStats
 
-__all__ = ["InFlight", "OverlappedDecode"]
-
-
-@dataclass
-class InFlight:
-    """A launched pure-decode step whose tokens have not been read: the requests in row order, the device
-    token ids (the greedy graph's output, bucket rows), their host copy and the event after that copy."""
-
-    reqs: list[Request]
-    ids: Any
-    host: np.ndarray
-    event: Any
-    rows: dict[int, int]  # id(request) -> its row
+__all__ = ["OverlappedDecode"]
 
 
 class OverlappedDecode:
@@ -138,7 +123,7 @@ class OverlappedDecode:
             if f:  # the finished job's argmax -> the next rows
                 feed_tokens(batch.tokens[k:], done.ids, [first[id(r)] for r in fresh], self.xp)
             ids, stats.graph = self._run_decode(batch, n, True, bucket is not None)
-            host, event = self._readback.start(ids, n)
+            nxt = self._readback.start(launch, ids)
         except Exception as exc:  # the in-flight tokens are good: read them, then fail this step's requests
             stats.host_s = time.perf_counter() - t0
             self._resolve(stats, outputs)
@@ -148,7 +133,7 @@ class OverlappedDecode:
         stats.forwards = 1
         self.totals["forwards"] += 1
         # the new step is in flight before the old one's tokens are read (whatever their callbacks do)
-        self._inflight = InFlight(launch, ids, host, event, {id(r): i for i, r in enumerate(launch)})
+        self._inflight = nxt
         self._job_done = None
         # the device runs the step before this one: meanwhile the host launches prefill layers
         self._advance_job(inf.event if inf is not None else None, stats, outputs)
@@ -172,9 +157,7 @@ class OverlappedDecode:
     def _read(self, inf: InFlight, stats: StepStats, outputs: list[RequestOutput]) -> None:
         """Read the tokens of a launched step and accept them: stops, streaming, finishing."""
         t = time.perf_counter()
-        if inf.event is not None:
-            inf.event.synchronize()
-        toks = inf.host[: len(inf.reqs)].tolist()
+        toks = inf.tokens()
         t1 = time.perf_counter()
         stats.wait_s += t1 - t
         try:

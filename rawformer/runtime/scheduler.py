@@ -69,9 +69,9 @@ from rawformer.runtime.adaptive import AdaptiveBatcher
 from rawformer.runtime.cuda_graphs import DEFAULT_BUCKETS, DecodeGraphs, GraphCaptureError, bucket_for
 from rawformer.runtime.generate import _model_limit, _split_stop
 from rawformer.runtime.interleave import InterleavedPrefill, PrefillJob
-from rawformer.runtime.overlap import InFlight, OverlappedDecode
+from rawformer.runtime.overlap import OverlappedDecode
 from rawformer.runtime.sampler import SamplingParams, sample_tokens
-from rawformer.runtime.token_feed import TokenReadback
+from rawformer.runtime.token_feed import InFlight, TokenReadback
 
 __all__ = ["FINISH_REASONS", "STEP_KINDS", "Request", "RequestOutput", "Scheduler", "StepStats"]
 

@@ -9,11 +9,12 @@ the device take the first rows of step n+1, and `feed_tokens` copies their ids t
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-__all__ = ["TokenReadback", "decodes_again", "feed_tokens"]
+__all__ = ["InFlight", "TokenReadback", "decodes_again", "feed_tokens"]
 
 
 def decodes_again(prompt_len: int, generated: int, max_new: int, max_len: int) -> bool:
@@ -32,12 +33,33 @@ def feed_tokens(tokens: Any, prev_ids: Any, src_rows: Sequence[int], xp: Any) ->
         tokens[:k] = prev_ids[xp.asarray(np.asarray(src_rows))]
 
 
+@dataclass
+class InFlight:
+    """A launched step whose token ids have not been read: the requests in row order, the device ids (bucket
+    rows), their host copy and the event after that copy (None on the CPU)."""
+
+    reqs: list[Any]
+    ids: Any
+    host: np.ndarray
+    event: Any
+    rows: dict[int, int] = field(init=False)  # id(request) -> its row
+
+    def __post_init__(self) -> None:
+        self.rows = {id(r): i for i, r in enumerate(self.reqs)}
+
+    def tokens(self) -> list[int]:
+        """The requests' token ids, once the copy has landed (blocks until then)."""
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host[: len(self.reqs)].tolist()
+
+
 class TokenReadback:
     """Copies of launched steps' token ids to the host that do not block: two pinned buffers alternate, one
     read for the step in flight while the next step's copy fills the other (grown when a step is larger).
 
-    `start(ids, n)` -> (host array of the first n ids, event recorded after the copy; None on the CPU, where
-    the ids are copied at once)."""
+    `start(reqs, ids)` -> InFlight: the copy of the first len(reqs) ids started, with an event recorded after
+    it (on the CPU the ids are copied at once and there is no event)."""
 
     def __init__(self, xp: Any, capacity: int = 1) -> None:
         self.xp = xp
@@ -46,9 +68,10 @@ class TokenReadback:
         self._bufs: dict[int, np.ndarray] = {}
         self._count = 0
 
-    def start(self, ids: Any, n: int) -> tuple[np.ndarray, Any]:
+    def start(self, reqs: list[Any], ids: Any) -> InFlight:
+        n = len(reqs)
         if not self.is_gpu:
-            return np.array(ids[:n]), None
+            return InFlight(reqs, ids, np.array(ids[:n]), None)
         slot = self._count % 2
         self._count += 1
         buf = self._bufs.get(slot)
@@ -60,4 +83,4 @@ class TokenReadback:
         ids[:n].get(out=host, blocking=False)  # pinned: asynchronous, in stream order
         event = self.xp.cuda.Event(block=False, disable_timing=True)
         event.record()
-        return host, event
+        return InFlight(reqs, ids, host, event)
