@@ -30,6 +30,7 @@ from rawformer.ops.quant import QuantizedWeight
 
 __all__ = [
     "Arena",
+    "attend_gathered",
     "StepBatch",
     "StepPlan",
     "check_weights",
@@ -39,6 +40,7 @@ __all__ = [
     "linear_swiglu",
     "linear_weight",
     "norm_linear",
+    "per_sequence",
     "stacked_linear_weight",
     "plan_step",
     "random_weights",
@@ -250,13 +252,25 @@ def decoder_attention(
             max_seqlen_q=int(batch.max_seqlen_q), max_seqlen_k=int(batch.max_seqlen_q),
         )  # fmt: skip
     if plan.mode == "decode":
-        seqs = tokens // plan.q_len
-        q4 = q.reshape(seqs, plan.q_len, heads, d)  # (S, n, Hq, D), a view
-        out = rf.paged_attention(q4, k_cache, v_cache, batch.block_tables, batch.context_lens)
+        out = rf.paged_attention(
+            per_sequence(q, plan), k_cache, v_cache, batch.block_tables, batch.context_lens
+        )
         return out.reshape(tokens, heads, d)
     kv_heads = k_cache.shape[2]
     k_all = k_cache.reshape(-1, kv_heads, d)[plan.gather_slots]  # (total_k, Hk, D): the contexts, packed
     v_all = v_cache.reshape(-1, kv_heads, d)[plan.gather_slots]
+    return attend_gathered(q, k_all, v_all, batch, plan)
+
+
+def per_sequence(q: Any, plan: StepPlan) -> Any:
+    """A decode plan's q (T, heads, D) viewed as (S, n, heads, D): n new tokens per sequence."""
+    tokens, heads, d = q.shape
+    return q.reshape(tokens // plan.q_len, plan.q_len, heads, d)
+
+
+def attend_gathered(q: Any, k_all: Any, v_all: Any, batch: StepBatch, plan: StepPlan) -> Any:
+    """A gather plan's attention: the new tokens q (T, heads, D) over their contexts' K / V packed as the
+    plan's gather_slots put them (total_k, kv_heads, D); causal, bottom-right aligned."""
     return rf.attention(
         q, k_all, v_all, causal=True, cu_seqlens_q=batch.cu_seqlens_q, cu_seqlens_k=plan.cu_seqlens_k,
         max_seqlen_q=int(batch.max_seqlen_q), max_seqlen_k=int(batch.max_context),

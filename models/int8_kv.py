@@ -21,9 +21,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from rawformer.models.common import StepBatch, StepPlan, decoder_attention
+from rawformer.models.common import StepBatch, StepPlan, attend_gathered, decoder_attention, per_sequence
 
-import rawformer as rf
 from rawformer.ops.kv_int8 import dequantize_kv, kv_write_int8, paged_attention_int8
 
 __all__ = ["int8_kv_attention", "uses_int8_kv"]
@@ -47,15 +46,11 @@ def int8_kv_attention(
     if plan.mode == "prefill":
         return decoder_attention(q, k, v, batch, plan, None, None)  # the caches are not read
     if plan.mode == "decode":
-        seqs = tokens // plan.q_len
-        q4 = q.reshape(seqs, plan.q_len, heads, d)
+        q4 = per_sequence(q, plan)
         out = paged_attention_int8(q4, kc, vc, ks, vs, batch.block_tables, batch.context_lens)
         return out.reshape(tokens, heads, d)
     kv_heads = kc.shape[2]
     slots = plan.gather_slots
     k_all = dequantize_kv(kc.reshape(-1, kv_heads, d)[slots], ks.reshape(-1, kv_heads)[slots], q.dtype)
     v_all = dequantize_kv(vc.reshape(-1, kv_heads, d)[slots], vs.reshape(-1, kv_heads)[slots], q.dtype)
-    return rf.attention(
-        q, k_all, v_all, causal=True, cu_seqlens_q=batch.cu_seqlens_q, cu_seqlens_k=plan.cu_seqlens_k,
-        max_seqlen_q=int(batch.max_seqlen_q), max_seqlen_k=int(batch.max_context),
-    )  # fmt: skip
+    return attend_gathered(q, k_all, v_all, batch, plan)

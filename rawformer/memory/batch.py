@@ -83,12 +83,11 @@ class AttentionBatch:
         forward launched over several steps (the Scheduler's interleaved prefill). On the GPU the device
         copies are queued on the current stream, after the upload that filled the step buffers."""
         own = {name: getattr(self, name).copy() for name in FIELDS}
-        batch = replace(self, **own, host=None)
-        if self.host is None or self.host is self:
-            batch.host = None if self.host is None else batch
-        else:
-            batch.host = replace(self.host, **{name: getattr(self.host, name).copy() for name in FIELDS})
-        return batch
+        if self.host is self:  # the CPU: the arrays are their own host copy
+            batch = replace(self, **own, host=None)
+            batch.host = batch
+            return batch
+        return replace(self, **own, host=None if self.host is None else self.host.detached())
 
 
 FIELDS = ("tokens", "positions", "slot_mapping", "cu_seqlens_q", "context_lens", "block_tables")
