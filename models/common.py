@@ -26,6 +26,7 @@ import rawformer as rf
 from rawformer import backend
 from rawformer.kernels.gemm import matmul
 from rawformer.ops import _checks
+from rawformer.ops.norm_linear import unfused_norm
 from rawformer.ops.quant import QuantizedWeight
 
 __all__ = [
@@ -182,10 +183,7 @@ def norm_linear(
         if isinstance(w, QuantizedWeight):
             return rf.int8_add_rms_norm_linear(a, x, ln_w, eps, w, b, up=w2, b_up=b2)
         return rf.add_rms_norm_linear(a, x, ln_w, eps, w, b, w2=w2, b2=b2)
-    if a is None:
-        h, s = rf.rms_norm(x, ln_w, eps), x
-    else:
-        h, s = rf.add_rms_norm(a, x, ln_w, eps)  # s = x + a; h = rms_norm(s)
+    h, s = unfused_norm(a, x, ln_w, eps)  # s = x + a; h = rms_norm(s)
     y = linear(h, w, b) if w2 is None else linear_swiglu(h, w, w2, b, b2)
     return y, s
 

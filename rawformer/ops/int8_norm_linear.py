@@ -24,22 +24,16 @@ import numpy as np
 from rawformer import backend
 from rawformer.ops import quant
 from rawformer.ops._checks import f64
-from rawformer.ops.norm_linear import check_norm_inputs
-from rawformer.ops.norms import rms_norm_ref
+from rawformer.ops.norm_linear import NORM_SMEM_LIMIT, check_norm_inputs, norm_ref, unfused_norm
 
 __all__ = ["int8_add_rms_norm_linear", "int8_add_rms_norm_linear_ref"]
-
-# bytes of h one CTA stages in shared memory (rows * K * itemsize): the default dynamic limit, no opt-in
-NORM_SMEM_LIMIT = 48 * 1024
 
 
 def int8_add_rms_norm_linear_ref(
     a: Any, x: Any, ln_w: Any, eps: float, qw: Any, bias: Any = None, up: Any = None, b_up: Any = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """(y, s) in float64 with the unfused ops' rounding points (s and h rounded to x's dtype; y is not)."""
-    dt = np.asarray(x).dtype
-    s = np.asarray(x) if a is None else (f64(x) + f64(a)).astype(dt)
-    h = rms_norm_ref(s, ln_w, eps)[0].astype(dt)
+    s, h = norm_ref(a, x, ln_w, eps)
     if up is None:
         return quant.int8_linear_ref(h, qw, bias), f64(s)
     return quant.int8_linear_swiglu_ref(h, qw, up, bias, b_up), f64(s)
@@ -101,9 +95,7 @@ def int8_add_rms_norm_linear(
     x2 = quant._rows(x, qweight.in_features)
     a2 = None if a is None else quant._rows(a, qweight.in_features)
     if not _fusable(a2, x2, ln_w, qweight):  # prefill, several rows, padded K: the unfused composition
-        from rawformer.ops.norms import add_rms_norm, rms_norm
-
-        h, s = (rms_norm(x, ln_w, eps), x) if a is None else add_rms_norm(a, x, ln_w, eps)
+        h, s = unfused_norm(a, x, ln_w, eps)
         if up is None:
             return quant.int8_linear(h, qweight, bias), s
         return quant.int8_linear_swiglu(h, qweight, up, bias, b_up), s

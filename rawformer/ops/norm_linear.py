@@ -48,12 +48,26 @@ def add_rms_norm_linear_ref(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(y, s) in float64 with the unfused ops' rounding points: s = x + a and h = rms_norm(s) * ln_w are
     rounded to x's dtype (they are arrays of it there), y is not (the caller casts it)."""
-    dt = np.asarray(x).dtype
-    s = np.asarray(x) if a is None else (f64(x) + f64(a)).astype(dt)
-    h = rms_norm_ref(s, ln_w, eps)[0].astype(dt)
+    s, h = norm_ref(a, x, ln_w, eps)
     if w2 is None:
         return _lin.linear_ref(h, w, bias), f64(s)
     return _lin.linear_swiglu_ref(h, w, w2, bias, b2), f64(s)
+
+
+def norm_ref(a: Any, x: Any, ln_w: Any, eps: float) -> tuple[np.ndarray, np.ndarray]:
+    """The norm half of the fused ops' references: s = x + a (x when a is None) and h = rms_norm(s) * ln_w,
+    computed in float64 and each rounded to x's dtype, as the unfused ops store them."""
+    dt = np.asarray(x).dtype
+    s = np.asarray(x) if a is None else (f64(x) + f64(a)).astype(dt)
+    return s, rms_norm_ref(s, ln_w, eps)[0].astype(dt)
+
+
+def unfused_norm(a: Any, x: Any, ln_w: Any, eps: float) -> tuple[Any, Any]:
+    """(h, s) by the unfused ops: rf.rms_norm of x (s = x) or rf.add_rms_norm (s = x + a). The fused ops'
+    fallback for what their kernels do not take, and the models' CPU path."""
+    from rawformer.ops.norms import add_rms_norm, rms_norm
+
+    return (rms_norm(x, ln_w, eps), x) if a is None else add_rms_norm(a, x, ln_w, eps)
 
 
 def check_norm_inputs(a: Any, x: Any, ln_w: Any, eps: Any) -> tuple[Any, Any, Any, float]:
@@ -135,12 +149,7 @@ def add_rms_norm_linear(
     ln_w, bias, b2 = (None if v is None else cp.ascontiguousarray(v) for v in (ln_w, bias, b2))
     pitch = _fused_layout(a2, x2, ln_w, w, w2)
     if pitch is None:  # the unfused composition (prefill, odd layouts): the same result
-        from rawformer.ops.norms import add_rms_norm, rms_norm
-
-        if a is None:
-            h, s = rms_norm(x, ln_w, eps), x
-        else:
-            h, s = add_rms_norm(a, x, ln_w, eps)
+        h, s = unfused_norm(a, x, ln_w, eps)
         y = _lin.linear(h, w, bias) if w2 is None else _lin.linear_swiglu(h, w, w2, bias, b2)
         return y, s
     rows, k = x2.shape
