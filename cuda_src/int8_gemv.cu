@@ -21,7 +21,8 @@
 //   int8_gemv v3  <R=1, U=8, W=8>  one row per warp, eight chunks per lane: a whole row of K <= 4096 is in
 //                                  flight at once (4096 x 4096: the whole matrix in one go, every warp resident).
 //   (Before PDL, <R=2, U=4, W=4> and <R=4, U=2, W=4> measured no better than v1: trimmed.)
-//   Default (rawformer/ops/quant.py default_gemv_version): v1 for K > 4096 with N >= 8192, else v3.
+//   Default (rawformer/ops/quant.py default_gemv_version): v1 for K > 4096 with N >= 8192 (V1_MIN_ROWS), else
+//   v2 for DUAL or N >= V2_MIN_ROWS, else v3.
 //   M (tokens) is compiled for 1, 2, 4, 8; a launch of m_rows <= M rows leaves the others unread / unwritten.
 //   DUAL keeps the loads per lane: U is halved (v2: 2 chunks x 2 rows x 2 matrices, v3: 4 x 1 x 2).
 //   Launch bounds (rf_int8::MinCtas): 64 registers (32 warps per SM) at one token, 85 for four weight rows,
@@ -113,27 +114,6 @@ __device__ __forceinline__ void load_x16(const float* p, float (&f)[kChunk]) {
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     const float4 t = v[i];
-    f[4 * i] = t.x;
-    f[4 * i + 1] = t.y;
-    f[4 * i + 2] = t.z;
-    f[4 * i + 3] = t.w;
-  }
-}
-
-// 16 consecutive values of h (the NORM prologue's staging in shared memory) as floats.
-__device__ __forceinline__ void load_h16(const __half* p, float (&f)[kChunk]) {
-#pragma unroll
-  for (int i = 0; i < 8; ++i) {
-    const float2 t = __half22float2(reinterpret_cast<const __half2*>(p)[i]);
-    f[2 * i] = t.x;
-    f[2 * i + 1] = t.y;
-  }
-}
-
-__device__ __forceinline__ void load_h16(const float* p, float (&f)[kChunk]) {
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float4 t = reinterpret_cast<const float4*>(p)[i];
     f[4 * i] = t.x;
     f[4 * i + 1] = t.y;
     f[4 * i + 2] = t.z;
@@ -265,7 +245,7 @@ __device__ __forceinline__ void int8_gemv_rows(
           if (M == 1 || m < m_rows) {
             float xf[kChunk];
             if constexpr (NORM) {
-              load_h16(hs + static_cast<size_t>(m) * chunks * kChunk + c * kChunk, xf);
+              load_x16(hs + static_cast<size_t>(m) * chunks * kChunk + c * kChunk, xf);
             } else {
               load_x16(xw + static_cast<size_t>(m) * ldx + c * kChunk, xf);
             }

@@ -77,13 +77,14 @@
 //       tile. Split-KV partials in fp16 + lse as v2, merged by mla_decode_combine_h.
 //       Configurations (python V3_CONFIGS, shared bytes = 2 (16 MT (R + DR) + STAGES TK (R + DR)
 //       + 16 MT (TK + 8)) + 4 CG 16 MT = MlaV3Shape::SMEM, python _smem_v3):
-//         <512, 64, 1, 1, 2, 32, 4>  16 rows, 2 warps x 256 columns, 4 stages of 32 tokens, 167 KB: <= 16
-//                                    rows (memory-bound: 3 tiles = 108 KB in flight per SM)
+//         <512, 64, 1, 1, 4, 64, 2>  16 rows, 4 warps x 128 columns, 2 stages of 64 tokens, 168 KB: <= 16
+//                                    rows (memory-bound)
 //         <512, 64, 2, 1, 2, 32, 2>  32 rows, 4 warps, 113 KB, 2 CTAs per SM: 17 .. 32 rows
 //         <512, 64, 4, 2, 4, 64, 2>  64 rows, 8 warps of 32 rows x 128 columns (P V: 32 rows per V fragment),
 //                                    64-token tiles, 226 KB: > 32 rows (128 heads: compute-bound)
-//         <512, 64, 1, 1, 2, 32, 2>, <512, 64, 1, 1, 4, 64, 2>, <512, 64, 4, 1, 2, 32, 3>,
-//         <512, 64, 2, 2, 4, 64, 2>: candidates bench/mla.py --variants all measures beside them.
+//         <512, 64, 1, 1, 2, 32, 2>, <512, 64, 1, 1, 2, 32, 4>, <512, 64, 4, 1, 2, 32, 3>,
+//         <512, 64, 2, 2, 4, 64, 2>: candidates bench/mla.py --variants all measures beside them (the
+//         first is the <= 16-row fallback where 168 KB does not fit, e.g. an A100).
 //   mla_decode_combine<R, THREADS>, mla_decode_combine_h<R, THREADS>  one CTA per (seq, token, head) row:
 //       merge the splits' fp32 (v1) / fp16 (v2, v3) partials (launched with programmatic dependent launch:
 //       rf::pdl_wait before reading them).
@@ -911,8 +912,6 @@ __global__ void __launch_bounds__(rf::MlaV3Shape<R, DR, MT, WM, CG, TK, STAGES>:
 // One CTA per (seq, token, head) row: out = sum_i 2^(lse_i - L) out_i / sum_i 2^(lse_i - L), L = max lse_i.
 namespace rf {
 
-__device__ __forceinline__ float mla_to_float(float x) { return x; }
-__device__ __forceinline__ float mla_to_float(__half x) { return __half2float(x); }
 
 template <int R, int THREADS, typename P>
 __device__ __forceinline__ void mla_combine_row(const P* __restrict__ part_out, const float* __restrict__ part_lse,
@@ -936,7 +935,7 @@ __device__ __forceinline__ void mla_combine_row(const P* __restrict__ part_out, 
   const float inv = sum > 0.f ? 1.f / sum : 0.f;
   for (int c = threadIdx.x; c < R; c += THREADS) {
     float acc = 0.f;
-    for (int i = 0; i < num_splits; ++i) acc += w_s[i] * mla_to_float(part_out[(row * num_splits + i) * R + c]);
+    for (int i = 0; i < num_splits; ++i) acc += w_s[i] * to_acc(part_out[(row * num_splits + i) * R + c]);
     out[row * R + c] = __float2half_rn(acc * inv);
   }
 }
