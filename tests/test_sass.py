@@ -23,7 +23,7 @@ NVCC = shutil.which("nvcc")
 TENSOR_CORE = {
     "attention": ("attention_v2<", "attention_v4<"),
     "attention_backward": ("attention_backward_v2<",),
-    "mla_decode": ("mla_decode_v1<", "mla_decode_v2<"),
+    "mla_decode": ("mla_decode_v1<", "mla_decode_v2<", "mla_decode_v3<"),
     "paged_attention": ("paged_attention_v2<", "paged_attention_v3<", "paged_attention_v4<"),
 }
 
