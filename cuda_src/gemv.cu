@@ -148,13 +148,16 @@ __device__ __forceinline__ void gemv_rows(const T* __restrict__ x, int ldx, cons
 #pragma unroll
       for (int m = 0; m < M; ++m) acc[j][r][m] = rf::warp_reduce(acc[j][r][m], rf::Sum());
   if (lane == 0) {
+    // after the wait above: the launcher may have just made a contiguous copy of a bias (common.cuh)
+    const T* bw = rf::after_pdl_wait(bias);
+    const T* bw2 = rf::after_pdl_wait(bias2);
 #pragma unroll
     for (int r = 0; r < ROWS; ++r) {
       const int n = n0 + r;
       if (n < N) {
-        const float b = bias ? rf::to_acc(bias[n]) : 0.0f;
+        const float b = bw ? rf::to_acc(bw[n]) : 0.0f;
         float b2 = 0.0f;
-        if constexpr (DUAL) b2 = bias2 ? rf::to_acc(bias2[n]) : 0.0f;
+        if constexpr (DUAL) b2 = bw2 ? rf::to_acc(bw2[n]) : 0.0f;
 #pragma unroll
         for (int m = 0; m < M; ++m) {
           if (m < m_rows) {

@@ -196,7 +196,7 @@ __device__ __forceinline__ void int8_gemv_rows(
     xw = rf::after_pdl_wait(x);
 #pragma unroll
     for (int rr = 0; rr < RR; ++rr) {
-      const T* b = rr < R ? bias : bias2;
+      const T* b = rf::after_pdl_wait(rr < R ? bias : bias2);  // a fresh copy's loads stay after the wait
       chan_bias[rr] = b != nullptr ? rf::to_acc(b[row[rr % R]]) : 0.f;
     }
   };
