@@ -49,7 +49,7 @@ BENCHES ?= kernels attention e2e decode_profile train train_kernels quant accura
 bench:
 	$(GPU_PY) -m pip install -q --no-deps --no-build-isolation -e .
 	mkdir -p $(OUT)
-	set -o pipefail; for b in $(BENCHES); do $(GPU_PY) bench/$$b.py 2>&1 | tee $(OUT)/bench-$$b.log; done
+	set -o pipefail; st=0; for b in $(BENCHES); do $(GPU_PY) bench/$$b.py 2>&1 | tee $(OUT)/bench-$$b.log || st=1; done; exit $$st
 
 # Build a wheel and check it installs the rawformer.* namespace with the CUDA sources.
 wheel-check: $(STAMP)

@@ -38,15 +38,14 @@ from rawformer.models import GPT2Config
 
 from rawformer.memory.tracker import AllocatorStats
 from rawformer.training.amp import LossScaler, optimizer_step
-from rawformer.training.config import TrainConfig
+from rawformer.training.config import TrainConfig, config_path
 from rawformer.training.model import GPT, init_weights
 from rawformer.training.optim import AdamW
 
 # The training configs benchmarked: model shape and optimizer settings come from the JSON file (the same one
 # `rawformer train --config` reads); batch and sequence length from --batch / --seq (the 8 x 1024).
-CONFIG_FILES = {"gpt2-small": harness.REPO_ROOT / "rawformer" / "training" / "configs" / "gpt2-small.json"}
-CONFIGS = {name: TrainConfig.from_json(path).model_config() for name, path in CONFIG_FILES.items()}
-HPARAMS = {name: TrainConfig.from_json(path) for name, path in CONFIG_FILES.items()}
+HPARAMS = {name: TrainConfig.from_json(config_path(name)) for name in ("gpt2-small",)}  # shipped configs
+CONFIGS = {name: cfg.model_config() for name, cfg in HPARAMS.items()}
 ACCEPT = 0.8
 LOSS_TOL = 2e-2
 LR, BETAS, WD, CLIP = (

@@ -241,7 +241,7 @@ class Tensor:
                 f"use_grad_buffer: buffer is {tuple(buffer.shape)} {buffer.dtype}, expected {self.shape} "
                 f"{self.dtype}"
             )
-        if backend.array_module(buffer).may_share_memory(buffer, self.data):
+        if _may_share(buffer, self.data):
             raise ValueError("use_grad_buffer: buffer overlaps .data (backward would overwrite the weights)")
         if keep and self.grad is not buffer:
             if self.grad is None:

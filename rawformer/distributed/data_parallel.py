@@ -343,13 +343,11 @@ class DataParallel:
         stale = [k for k, i in enumerate(b.params) if self.params[i].grad is not b.slots[k]]
         if not stale:
             return
-        if len(stale) == len(b.params) and all(self.params[i].grad is None for i in b.params):
+        fresh = all(self.params[i].grad is None for i in b.params)  # then every slot is stale
+        if fresh:
             b.flat.fill(0)  # one memset for the bucket (this waits, on the stream, for the last all-reduce)
-            for k in stale:
-                self.params[b.params[k]].use_grad_buffer(b.slots[k], keep=False)
-        else:
-            for k in stale:
-                self.params[b.params[k]].use_grad_buffer(b.slots[k], keep=True)
+        for k in stale:
+            self.params[b.params[k]].use_grad_buffer(b.slots[k], keep=not fresh)
 
     def _finish_gpu(self) -> None:
         """The GPU side of finish(): the compute stream waits for every bucket, the host only for MPI."""

@@ -216,10 +216,6 @@ class Int8KVArena(KVArena):
         k, v, ks, vs = self.layer(layer)
         return dequantize_kv(k, ks, self.dtype), dequantize_kv(v, vs, self.dtype)
 
-    @property
-    def nbytes(self) -> int:
-        return int(self.data.nbytes + self.scales.nbytes)
-
     def __repr__(self) -> str:
         where = "cupy" if self.is_gpu else "numpy"
         return (
