@@ -95,19 +95,26 @@ class KVArena:
         budget_fraction: float | None = None,
         xp: types.ModuleType | None = None,
     ):
-        dt = self._set_geometry(layers, kv_heads, head_dim, dtype, block_size, xp)
-        xp = self.xp
-        self.token_bytes = 2 * self.layers * self.kv_heads * self.head_dim * dt.itemsize
+        self._set_geometry(layers, kv_heads, head_dim, dtype, block_size, xp)
+        self.token_bytes = 2 * self.layers * self.kv_heads * self._head_bytes()
         self.block_bytes = self.token_bytes * self.block_size
         self.num_blocks = self._size(num_blocks, budget_bytes, budget_fraction)
         self._max_pitch: int | None = None
+        self._allocate()
+
+    def _head_bytes(self) -> int:
+        """Bytes of one token's K (or V) for one head (a subclass with another storage says its own)."""
+        return self.head_dim * self.dtype.itemsize
+
+    def _allocate(self) -> None:
+        """The storage for num_blocks blocks, and the byte geometry of its 2-D copies."""
         shape = (self.layers, 2, self.num_blocks, self.block_size, self.kv_heads, self.head_dim)
         # zeroed once: unused slots hold finite values, so a kernel that reads past a sequence's end (masked)
         # never meets NaN garbage
-        self.data = xp.zeros(shape, dtype=dt)
-        # byte geometry of the 2-D copies: 2*layers rows, each row is every block of one (layer, K|V)
-        self.row_pitch = self.num_blocks * self.block_size * self.kv_heads * self.head_dim * dt.itemsize
-        self.block_row_bytes = self.block_size * self.kv_heads * self.head_dim * dt.itemsize
+        self.data = self.xp.zeros(shape, dtype=self.dtype)
+        # 2*layers rows, each row is every block of one (layer, K|V)
+        self.block_row_bytes = self.block_size * self.kv_heads * self.head_dim * self.dtype.itemsize
+        self.row_pitch = self.num_blocks * self.block_row_bytes
 
     def _set_geometry(
         self, layers: Any, kv_heads: Any, head_dim: Any, dtype: Any, block_size: Any, xp: Any

@@ -21,7 +21,6 @@ dequantized K / V come back as); the cache itself is int8.
 
 from __future__ import annotations
 
-import types
 from collections.abc import Sequence
 from typing import Any
 
@@ -62,22 +61,7 @@ class Int8KVArena(KVArena):
     kv_int8 = True
     _kind = "Int8KVArena"
 
-    def __init__(
-        self,
-        layers: int,
-        kv_heads: int,
-        head_dim: int,
-        dtype: Any,
-        block_size: int = 16,
-        *,
-        num_blocks: int | None = None,
-        budget_bytes: int | None = None,
-        budget_fraction: float | None = None,
-        xp: types.ModuleType | None = None,
-    ):
-        # KVArena.__init__ is not called: it would allocate a float cache
-        self._set_geometry(layers, kv_heads, head_dim, dtype, block_size, xp)
-        xp = self.xp
+    def _head_bytes(self) -> int:
         if self.is_gpu:  # the kernels' head_dim list, said now rather than at the first step
             from rawformer.ops.kv_int8 import _epl
 
@@ -85,20 +69,17 @@ class Int8KVArena(KVArena):
                 _epl(self.head_dim)
             except ValueError as e:
                 raise ValueError(f"Int8KVArena: {e}") from None
-        per_head = self.head_dim + SCALE_BYTES  # int8 values + the fp16 scale
-        self.token_bytes = 2 * self.layers * self.kv_heads * per_head
-        self.block_bytes = self.token_bytes * self.block_size
-        self.num_blocks = self._size(num_blocks, budget_bytes, budget_fraction)
-        self._max_pitch: int | None = None
+        return self.head_dim + SCALE_BYTES  # int8 values + the fp16 scale
+
+    def _allocate(self) -> None:
         nb, bs, kvh, d = self.num_blocks, self.block_size, self.kv_heads, self.head_dim
-        self.data = xp.zeros((self.layers, 2, nb, bs, kvh, d), dtype=np.int8)
+        self.data = self.xp.zeros((self.layers, 2, nb, bs, kvh, d), dtype=np.int8)
         # zero scales: an unwritten slot dequantizes to 0, finite, whatever a masked read meets
-        self.scales = xp.zeros((self.layers, 2, nb, bs, kvh), dtype=np.float16)
-        self.q_block_bytes = bs * kvh * d  # one block of one (layer, K|V) row: int8 values
+        self.scales = self.xp.zeros((self.layers, 2, nb, bs, kvh), dtype=np.float16)
+        self.block_row_bytes = bs * kvh * d  # one block of one (layer, K|V) row: its int8 values
         self.s_block_bytes = bs * kvh * SCALE_BYTES  # ... and its scales
-        self.row_pitch = nb * self.q_block_bytes
+        self.row_pitch = nb * self.block_row_bytes
         self.scale_row_pitch = nb * self.s_block_bytes
-        self.block_row_bytes = self.q_block_bytes  # (KVArena's name for the int8 part)
 
     # ---- views -------------------------------------------------------------------------------------------
 
@@ -136,14 +117,14 @@ class Int8KVArena(KVArena):
     def _parts(self) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
         """(device address, row pitch, bytes per block) of the int8 values and of the scales."""
         return (
-            (self._base(), self.row_pitch, self.q_block_bytes),
+            (self._base(), self.row_pitch, self.block_row_bytes),
             (self._scale_base(), self.scale_row_pitch, self.s_block_bytes),
         )
 
     def host_buffer(self, n: int) -> np.ndarray:
         """A host byte buffer (layers, 2, n (bq + bs)) for n blocks (see the module docstring); pinned on the
         GPU so the copies are asynchronous DMA."""
-        shape = (self.layers, 2, n * (self.q_block_bytes + self.s_block_bytes))
+        shape = (self.layers, 2, n * (self.block_row_bytes + self.s_block_bytes))
         if not self.is_gpu or n == 0:
             return np.zeros(shape, dtype=np.uint8)
         mem = self.xp.cuda.alloc_pinned_memory(int(np.prod(shape)))
@@ -154,12 +135,12 @@ class Int8KVArena(KVArena):
         kv_heads)) views of a host buffer of n blocks."""
         n = self._host_blocks(host)
         bs, kvh, d = self.block_size, self.kv_heads, self.head_dim
-        q = host[:, :, : n * self.q_block_bytes].view(np.int8).reshape(self.layers, 2, n, bs, kvh, d)
-        s = host[:, :, n * self.q_block_bytes :].view(np.float16).reshape(self.layers, 2, n, bs, kvh)
+        q = host[:, :, : n * self.block_row_bytes].view(np.int8).reshape(self.layers, 2, n, bs, kvh, d)
+        s = host[:, :, n * self.block_row_bytes :].view(np.float16).reshape(self.layers, 2, n, bs, kvh)
         return q, s
 
     def _host_blocks(self, host: np.ndarray) -> int:
-        per = self.q_block_bytes + self.s_block_bytes
+        per = self.block_row_bytes + self.s_block_bytes
         if (
             host.dtype != np.uint8
             or host.ndim != 3
@@ -178,7 +159,7 @@ class Int8KVArena(KVArena):
             raise ValueError(f"to_host: the buffer holds {self._host_blocks(out)} blocks, {n} asked")
         if self.is_gpu:
             host, pitch = out.ctypes.data, out.shape[2]
-            offsets = (0, n * self.q_block_bytes)
+            offsets = (0, n * self.block_row_bytes)
             for (base, row_pitch, w), off in zip(self._parts(), offsets, strict=True):
                 for b, i, r in runs(blocks, range(n)):
                     self._memcpy2d(host + off + i * w, pitch, base + b * w, row_pitch, r * w)
@@ -198,7 +179,7 @@ class Int8KVArena(KVArena):
         indices = range(len(blocks)) if indices is None else indices
         if self.is_gpu:
             src, pitch = host.ctypes.data, host.shape[2]
-            offsets = (0, n * self.q_block_bytes)
+            offsets = (0, n * self.block_row_bytes)
             for (base, row_pitch, w), off in zip(self._parts(), offsets, strict=True):
                 for i, b, r in runs(indices, blocks):
                     self._memcpy2d(base + b * w, row_pitch, src + off + i * w, pitch, r * w)
