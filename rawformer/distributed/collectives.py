@@ -213,7 +213,10 @@ class HostStagedCollectives:
 
     @staticmethod
     def _back(buf: Any, host: np.ndarray) -> Any:
-        return (lambda: buf.set(host)) if backend.is_cupy(buf) else None
+        """What copies `host` into `buf` once the MPI operation is done (None when buf is host itself)."""
+        if buf is host:
+            return None
+        return (lambda: buf.set(host)) if backend.is_cupy(buf) else (lambda: np.copyto(buf, host))
 
     def allreduce(self, buf: Any, stream: Any = None, out: Any = None) -> Work:
         """buf <- sum of buf over the group, in place (or into `out`); one rank: no staging (a no-op)."""
@@ -229,19 +232,9 @@ class HostStagedCollectives:
             host = host.copy()
         if host.dtype == np.float16:  # no portable 16-bit MPI float type (Open MPI rejects it): sum in fp32
             wide = host.astype(np.float32)
-
-            def back() -> None:
-                narrow = wide.astype(np.float16)
-                if backend.is_cupy(target):
-                    target.set(narrow)
-                else:
-                    np.copyto(target, narrow)
-
+            back = lambda: self._back(target, wide.astype(np.float16))()  # noqa: E731
             return _MpiWork(self.comm.Iallreduce(MPI.IN_PLACE, wide, op=MPI.SUM), back)
-        back = self._back(target, host)
-        if back is None and target is not host:  # a NumPy `out`: the sum was made in the copy
-            back = lambda: np.copyto(target, host)  # noqa: E731
-        return _MpiWork(self.comm.Iallreduce(MPI.IN_PLACE, host, op=MPI.SUM), back)
+        return _MpiWork(self.comm.Iallreduce(MPI.IN_PLACE, host, op=MPI.SUM), self._back(target, host))
 
     def broadcast(self, buf: Any, root: int = 0, stream: Any = None) -> Work:
         host = self._stage(buf)
@@ -252,8 +245,7 @@ class HostStagedCollectives:
 
     def recv(self, buf: Any, peer: int, tag: int = 0, stream: Any = None) -> Work:
         host = np.empty(buf.shape, dtype=buf.dtype)
-        back = self._back(buf, host) or (lambda: np.copyto(buf, host))
-        return _MpiWork(self.comm.Irecv(_portable(host), source=peer, tag=tag), back)
+        return _MpiWork(self.comm.Irecv(_portable(host), source=peer, tag=tag), self._back(buf, host))
 
 
 class NcclCollectives:
