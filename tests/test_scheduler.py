@@ -350,6 +350,11 @@ def test_a_failing_forward_fails_its_step_only():
 # ---- overlapped decode (the host one step ahead of the device) ---------------------------------------
 
 
+def mid_run_stop(run):
+    """A stop token that ends a request's free run mid-way: its first token after two others that is new."""
+    return next((t for j, t in enumerate(run) if j >= 2 and t not in run[:j]), None)
+
+
 def streamed_once(outs, final):
     """Each token streamed exactly once, in order, and one final output that ends the stream."""
     assert [o.finished for o in outs].count(True) == 1 and outs[-1].finished
@@ -388,8 +393,7 @@ def test_overlapped_decode_equals_synchronous(kind, blocks, preemption, budget):
     # stop tokens from the free runs: requests 0, 4, 8 stop mid-run (a token that comes after a few others)
     stops = [None] * 14
     for i in (0, 4, 8):
-        run = free[i]
-        stops[i] = next((t for j, t in enumerate(run) if j >= 2 and t not in run[:j]), None)
+        stops[i] = mid_run_stop(free[i])
     work = list(zip(prompts, news, strict=True))
     results = {}
     for overlap in (False, True):
@@ -707,7 +711,7 @@ def test_overlapped_engine_aborts_from_callbacks_and_threads():
     engine.start()
     for i in range(16):
         rids[i] = engine.add_request(prompts[i], news[i], on_output=on_output(i))
-    threading.Thread(target=lambda: (time_sleep(0.01), engine.abort(rids[7]))).start()
+    threading.Timer(0.01, engine.abort, (rids[7],)).start()
     assert done.wait(30), "not every request finished"
     engine.stop()
     for i in range(16):
@@ -721,12 +725,6 @@ def test_overlapped_engine_aborts_from_callbacks_and_threads():
     assert all(finals[i].finish_reason == "abort" and len(finals[i].token_ids) == 3 for i in (0, 5, 10, 15))
     assert engine.summary()["kv_blocks_used"] == 0 and engine.pool.num_free_blocks == 48
     assert engine.summary()["steps"]["kinds"]["overlapped"]["steps"] > 0
-
-
-def time_sleep(s):
-    import time
-
-    time.sleep(s)
 
 
 def test_overlapped_with_the_adaptive_controller():
@@ -966,8 +964,7 @@ def test_gpu_overlapped_decode_stops_and_aborts(cp, kind, interleave):
     free = alone(cpu, prompts, news)
     stops = [None] * 12
     for i in (1, 5, 9):
-        run = free[i]
-        stops[i] = next((t for j, t in enumerate(run) if j >= 2 and t not in run[:j]), None)
+        stops[i] = mid_run_stop(free[i])
     results = {}
     for overlap in (False, True):
         pool = make_pool_gpu(gpu, cp, blocks=64)

@@ -224,13 +224,11 @@ def test_exact_resume_with_float16_masters_and_loss_scale(tmp_path, corpus):
 
 def native_logits(native, prompt):
     """The logits of a loaded native model for one prompt, through a fresh paged KV pool (NumPy)."""
-    from rawformer import memory
+    from rawformer.runtime import make_pool
 
-    arena = memory.KVArena(native.num_layers, native.num_kv_heads, native.head_dim, native.dtype, 8,
-                           num_blocks=8, xp=np)  # fmt: skip
-    pool = memory.KVPool(arena)
+    pool = make_pool(native, 64, block_size=8)
     pool.add_sequence(0, prompt)
-    return native.forward(pool.prepare([0]), arena)
+    return native.forward(pool.prepare([0]), pool.arena)
 
 
 def test_checkpoint_is_a_native_gpt2_checkpoint(tiny_run):
