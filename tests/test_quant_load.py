@@ -4,8 +4,6 @@ errors for the executor path, models without a quantization plan, unknown modes 
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 
@@ -24,6 +22,7 @@ from rawformer.models import (  # noqa: E402  # noqa: E402
 )
 from rawformer.models.common import random_weights  # noqa: E402
 from rawformer.models.quantize import quantize_model  # noqa: E402
+from test_loading import write_dir  # noqa: E402
 
 from rawformer import cli  # noqa: E402
 from rawformer.loading import load  # noqa: E402
@@ -96,8 +95,7 @@ def test_load_checkpoint_dir_with_quantize(tmp_path):
            "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
            "tie_word_embeddings": False}  # fmt: skip
     w = random_weights(llama.weight_shapes(LlamaConfig.from_dict(cfg)), 1, np.float32, np, 0.3)
-    (tmp_path / "config.json").write_text(json.dumps(cfg))
-    st.save_file({k: np.ascontiguousarray(v) for k, v in w.items()}, str(tmp_path / "model.safetensors"))
+    write_dir(tmp_path, cfg, w)
     got = load(tmp_path, device="cpu", quantize="int8")
     assert got.path_taken == "hf" and got.model.quantization == "int8"
     assert type(got.model.lm_head).__name__ == "QuantizedWeightT"  # the untied head too
@@ -114,8 +112,7 @@ def test_no_quantization_plan(tmp_path):
            "kv_lora_rank": 16, "qk_nope_head_dim": 8, "qk_rope_head_dim": 8, "v_head_dim": 8,
            "n_routed_experts": None, "n_shared_experts": None, "num_experts_per_tok": None}  # fmt: skip
     w = random_weights(deepseek.weight_shapes(DeepseekV2Config.from_dict(cfg)), 1, np.float32, np, 0.3)
-    (tmp_path / "config.json").write_text(json.dumps(cfg))
-    st.save_file({k: np.ascontiguousarray(v) for k, v in w.items()}, str(tmp_path / "model.safetensors"))
+    write_dir(tmp_path, cfg, w)
     assert load(tmp_path, device="cpu").path_taken == "hf"  # it loads unquantized
     with pytest.raises(ValueError, match="DeepseekV2Model has no quantization plan"):
         load(tmp_path, device="cpu", quantize="int8")
